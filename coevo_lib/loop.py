@@ -84,6 +84,7 @@ class Workbench:
     # -- stages shared by every method ------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
+        self.warn_if_freeze_is_a_no_op()
         self.stage("base", self.build_base)
         self.stage("expert", self.record_experts)
         self.stage("sft", self.initial_sft, iteration=0)
@@ -95,6 +96,14 @@ class Workbench:
 
     def iterations(self) -> int:
         return final_iteration(self.config.method, self.config.loop.iterations)
+
+    def warn_if_freeze_is_a_no_op(self) -> None:
+        # The second agent's update in iteration i first shows in the rollouts of iteration i + 1, so
+        # freezing it after iteration f changes nothing unless the run has at least f + 2 iterations.
+        freeze = self.config.loop.freeze_second_agent_after
+        if self.config.method == "coevo" and freeze is not None and self.iterations() < freeze + 2:
+            log.warning("loop.freeze_second_agent_after=%d with %d iterations equals the unfrozen run; "
+                        "the ablation needs loop.iterations >= %d", freeze, self.iterations(), freeze + 2)
 
     def build_base(self) -> dict[str, Any]:
         path = self.run_dir.checkpoint("base")

@@ -15,6 +15,7 @@ Layout (written before any compute)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -29,6 +30,8 @@ import yaml
 
 from coevo_lib.config import ConfigError, RunConfig, dump_config, from_dict
 from coevo_lib.records import append_jsonl, read_jsonl, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "coevo")
 
@@ -90,10 +93,15 @@ def default_run_dir(config: RunConfig) -> Path:
 
 
 def init_run_dir(config: RunConfig, path: Path) -> RunDir:
-    """Create (or reopen) a run directory; refuse to resume one whose config differs."""
+    """Create (or reopen) a run directory; refuse to resume one whose config differs.
+
+    The one difference accepted is a larger ``loop.iterations``: every stage of an iteration depends
+    only on earlier ones, so the finished iterations stay valid and the run is extended in place."""
     run = RunDir(path)
     if run.config_path.exists():
-        check_same_config(run, config)
+        if compare_config(run, config) == "extends":
+            log.info("extending %s to %d iterations", run.path, config.loop.iterations)
+            atomic_write_text(run.config_path, dump_config(config))
     else:
         for sub in ("episodes", "pairs", "checkpoints", "stages", "tb"):
             run.sub(sub).mkdir(parents=True, exist_ok=True)
@@ -103,15 +111,22 @@ def init_run_dir(config: RunConfig, path: Path) -> RunDir:
     return run
 
 
-def check_same_config(run: RunDir, config: RunConfig) -> None:
+def compare_config(run: RunDir, config: RunConfig) -> str:
+    """'same', or 'extends' when only loop.iterations grew; any other difference raises ConfigError."""
     saved = yaml.safe_load(run.config_path.read_text())
     current = yaml.safe_load(dump_config(config))
     diffs = sorted(flatten_diff(saved, current))
-    if diffs:
-        raise ConfigError(
-            f"run directory {run.path} was started with a different config (first difference: {diffs[0]}); "
-            "use a new --run-dir or the same recipe and overrides"
-        )
+    if not diffs:
+        return "same"
+    old_iterations = saved.get("loop", {}).get("iterations")
+    if diffs == [f"loop.iterations: {old_iterations!r} -> {config.loop.iterations!r}"] and (
+        config.loop.iterations > old_iterations
+    ):
+        return "extends"
+    raise ConfigError(
+        f"run directory {run.path} was started with a different config (first difference: {diffs[0]}); "
+        "use a new --run-dir or the same recipe and overrides (only loop.iterations may grow)"
+    )
 
 
 def flatten_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

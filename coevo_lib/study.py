@@ -7,7 +7,7 @@ notebooks/10-run.ipynb with papermill once per entry and seed; the executed copy
 
 Finished runs are skipped: a run is finished when the done-marker of its last evaluation stage
 exists (coevo_lib.analysis.loading.is_finished) and its saved config equals the one the study
-resolves now. A finished run whose config differs is reported as a failure and left untouched, so
+resolves now; a study that raises loop.iterations extends its finished runs in place. A finished run whose config differs is reported as a failure and left untouched, so
 editing a study never silently reuses stale results. An unfinished run is resumed by its notebook
 (every stage is resumable). A failing notebook is reported with the run and the notebook, and the
 other runs go on; the exit code is non-zero when anything failed.
@@ -124,14 +124,15 @@ def plan(study: Study) -> list[PlannedRun]:
 
 
 def finished_and_current(run: PlannedRun, smoke: bool) -> bool:
-    """True when the run is finished with the config the study asks for; raises ConfigError on a stale run."""
+    """True when the run is finished with the config the study asks for; raises ConfigError on a stale run.
+
+    A finished run the study asks to extend (more loop.iterations) is not finished: its notebook resumes it."""
     if not is_finished(run.run_dir):
         return False
-    from coevo_lib.runs import RunDir, check_same_config
+    from coevo_lib.runs import RunDir, compare_config
 
     config = load_config(run.recipe, run_overrides(run.overrides, run.seed, smoke))
-    check_same_config(RunDir(run.run_dir), config)
-    return True
+    return compare_config(RunDir(run.run_dir), config) == "same"
 
 
 def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:

@@ -25,15 +25,15 @@ SMOKE = [
 VOLATILE = ("stage_wall_s", "wall_s", "finished_at", "checkpoint")
 
 
-def start_run(run_dir: Path) -> subprocess.Popen:
+def start_run(run_dir: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     args = [sys.executable, "-m", "coevo_lib.cli", "run", "configs/minishop/coevo.yaml", "--run-dir", str(run_dir)]
-    for item in SMOKE:
+    for item in SMOKE + list(extra):
         args += ["--set", item]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def run_to_end(run_dir: Path) -> None:
-    process = start_run(run_dir)
+def run_to_end(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
+    process = start_run(run_dir, extra)
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
 
@@ -98,3 +98,20 @@ def test_resume_with_a_different_config_is_refused(unbroken):
     result = subprocess.run(args + sum((["--set", s] for s in SMOKE + ["dpo.beta=0.3"]), []),
                             capture_output=True, text=True)
     assert result.returncode == 2 and "dpo.beta" in result.stderr
+
+
+def test_shrinking_iterations_is_refused(unbroken):
+    args = [sys.executable, "-m", "coevo_lib.cli", "run", "configs/minishop/coevo.yaml", "--run-dir", str(unbroken)]
+    result = subprocess.run(args + sum((["--set", s] for s in SMOKE + ["loop.iterations=1"]), []),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "loop.iterations" in result.stderr
+
+
+def test_finished_run_extended_by_an_iteration_equals_an_unbroken_longer_run(unbroken, tmp_path):
+    run_dir = tmp_path / "run"
+    run_to_end(run_dir, ("loop.iterations=1",))
+    assert not (run_dir / "stages" / "it2-eval.json").exists()
+    run_to_end(run_dir)  # SMOKE says 2 iterations
+    assert stable_metrics(run_dir) == stable_metrics(unbroken)
+    assert max(episode_ids(run_dir).values()) == 1
+    assert "iterations: 2" in (run_dir / "config.yaml").read_text()
