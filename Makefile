@@ -48,9 +48,10 @@ lab: ## open JupyterLab with the project's kernel
 	$(MAKE) setup EXTRAS=dev,envs,lab
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
-bench: $(STAMP) ## speed benchmarks (rollout batching, masked DPO)
+bench: $(STAMP) ## speed benchmarks (rollout batching, masked DPO, environment step times)
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/dpo.py
+	$(BIN)/python bench/envs.py
 
 clean-runs: ## delete run directories (keeps figures/)
 	rm -rf runs
