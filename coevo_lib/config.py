@@ -173,6 +173,9 @@ class RunConfig:
     """The whole recipe of one run (one method, one seed)."""
 
     name: str = "run"
+    label: str | None = field(
+        default=None, metadata={"help": "this recipe's name in tables and figures (default: from method and loop)"}
+    )
     method: str = field(default="sft", metadata={"help": " | ".join(METHODS)})
     seed: int = 0
     env: EnvConfig = field(default_factory=EnvConfig)

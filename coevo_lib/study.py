@@ -7,8 +7,9 @@ notebooks/10-run.ipynb with papermill once per entry and seed; the executed copy
 
 Finished runs are skipped: a run is finished when the done-marker of its last evaluation stage
 exists (coevo_lib.analysis.loading.is_finished) and its saved config equals the one the study
-resolves now; a study that raises loop.iterations extends its finished runs in place. A finished run whose config differs is reported as a failure and left untouched, so
-editing a study never silently reuses stale results. An unfinished run is resumed by its notebook
+resolves now; a study that raises loop.iterations extends its finished runs in place. A finished
+run whose config differs otherwise is reported as a failure and left untouched, so editing a study
+never silently reuses stale results. An unfinished run is resumed by its notebook
 (every stage is resumable). A failing notebook is reported with the run and the notebook, and the
 other runs go on; the exit code is non-zero when anything failed.
 """

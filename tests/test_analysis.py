@@ -268,11 +268,17 @@ def test_margin_row_step_gap():
     assert not row["hard_negative"] and row["reference"] == "sft"
 
 
-def test_negative_cap_keeps_hard_negatives_first():
-    negatives = [(episode(f"n{i}", "t", ["a"], r), "run") for i, r in enumerate([0.1, 0.7, 0.3, 0.9, 0.65])]
-    assert [ep.reward for ep, _ in boundary.capped(negatives, 3)] == [0.7, 0.9, 0.65]  # pool order kept
-    assert [ep.reward for ep, _ in boundary.capped(negatives, 4)] == [0.1, 0.7, 0.9, 0.65]
-    assert boundary.capped(negatives, None) == negatives
+def test_negative_cap_balances_hard_and_ordinary_failures():
+    def kept(rewards, cap):
+        negatives = [(episode(f"n{i}", "t", ["a"], r), "run") for i, r in enumerate(rewards)]
+        return [ep.reward for ep, _ in boundary.capped(negatives, cap)]
+
+    rewards = [0.1, 0.7, 0.3, 0.9, 0.65, 0.0, 0.8]
+    assert kept(rewards, 4) == [0.1, 0.3, 0.9, 0.8]  # the 2 best hard + the first 2 ordinary, pool order kept
+    assert kept(rewards, 3) == [0.1, 0.9, 0.8]  # the odd one goes to the hard negatives
+    assert kept([0.1, 0.7, 0.9, 0.65, 0.8], 4) == [0.1, 0.7, 0.9, 0.8]  # 1 ordinary: hard ones fill up
+    assert kept([0.1, 0.7, 0.3, 0.0, 0.2], 4) == [0.1, 0.7, 0.3, 0.0]  # 1 hard: ordinary ones fill up
+    assert kept(rewards, None) == rewards
 
 
 def test_preference_accuracy_by_class():
@@ -347,7 +353,7 @@ def test_loading_reads_the_run_contract(tmp_path):
 
 def test_method_labels_of_the_ablations():
     raw = {name: yaml.safe_load(dump_config(load_config(f"configs/minishop/{name}.yaml")))
-           for name in ("sft", "eto", "coevo", "coevo_frozen_failure", "positive_agent")}
+           for name in ("sft", "eto", "eto_sft", "coevo", "coevo_frozen_failure", "positive_agent")}
     assert {name: loading.method_label(config) for name, config in raw.items()} == {name: name for name in raw}
     assert loading.final_eval_stage(raw["sft"]) == "it0-eval" and loading.final_eval_stage(raw["eto"]) == "it2-eval"
 

@@ -20,8 +20,9 @@ Negatives are the failures in the evaluation episodes (greedy target rollouts on
 run and of every run passed as ``pool`` that shares its environment and prompt config, deduplicated
 by (task, action sequence); evaluation files of any agent count, so a failure agent evaluated on test
 tasks would add failure-agent-like hard negatives. A shared pool scores coevo and ETO checkpoints on the
-same negatives; at most ``max_negatives`` per run are scored, hard negatives first. Loading models makes this a cached step: ``<run>/analysis/boundary.jsonl`` is written atomically and
-skipped when present; figures only read it.
+same negatives; at most ``max_negatives`` per run are scored, half hard negatives and half ordinary
+failures (``capped``). Loading models makes this a cached step: ``<run>/analysis/boundary.jsonl`` is
+written atomically and skipped when present; figures only read it.
 """
 
 from __future__ import annotations
@@ -96,19 +97,21 @@ def pooled_negatives(run_dir: Path, pool: Iterable[Path]) -> list[tuple[Episode,
 
 
 def capped(negatives: list[tuple[Episode, str]], max_negatives: int | None) -> list[tuple[Episode, str]]:
-    """At most ``max_negatives``: hard negatives first (highest reward first), then the rest in pool order.
+    """At most ``max_negatives``, balanced between the two classes the analysis compares: up to half
+    hard negatives (highest reward first), the rest ordinary failures (pool order); a class with too
+    few leaves its share to the other. The result keeps pool order.
 
     Scoring costs a few forward passes per negative and checkpoint; the cap bounds that cost while
-    keeping the negatives the analysis is about.
+    keeping both hard negatives and the ordinary failures they are compared with.
     """
     if max_negatives is None or len(negatives) <= max_negatives:
         return negatives
-    def rank(i: int) -> tuple:
-        reward = negatives[i][0].reward
-        return (0, -reward, i) if HARD_NEGATIVE_MIN <= reward < 1.0 else (1, 0.0, i)
-
-    order = sorted(range(len(negatives)), key=rank)
-    return [negatives[i] for i in sorted(order[:max_negatives])]
+    hard = sorted((i for i, (ep, _) in enumerate(negatives) if HARD_NEGATIVE_MIN <= ep.reward < 1.0),
+                  key=lambda i: (-negatives[i][0].reward, i))
+    ordinary = [i for i, (ep, _) in enumerate(negatives) if not HARD_NEGATIVE_MIN <= ep.reward < 1.0]
+    n_ordinary = min(len(ordinary), max_negatives - min(len(hard), (max_negatives + 1) // 2))
+    chosen = ordinary[:n_ordinary] + hard[: max_negatives - n_ordinary]
+    return [negatives[i] for i in sorted(chosen)]
 
 
 def heldout_experts(config, tasks: set[tuple[str, str]]) -> dict[tuple[str, str], Episode]:

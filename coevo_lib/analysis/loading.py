@@ -82,7 +82,10 @@ def require_runs(runs_root: str | Path) -> list[Path]:
 
 
 def method_label(raw_config: dict[str, Any]) -> str:
-    """The recipe a run follows: the loop's method, with coevo's two ablations told apart."""
+    """The recipe a run follows: its ``label`` if set (a YAML-only variant), else the loop's method,
+    with coevo's two ablations told apart."""
+    if raw_config.get("label"):
+        return raw_config["label"]
     if raw_config["method"] != "coevo":
         return raw_config["method"]
     loop = raw_config["loop"]
