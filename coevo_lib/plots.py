@@ -137,12 +137,17 @@ def pair_mix(pairs: pd.DataFrame) -> Figure:
     return figure
 
 
-def boxes(ax, data: pd.DataFrame, by: str, value: str) -> None:
-    """Box plot of ``value`` for each value of ``by`` (NaNs dropped)."""
+def boxes(ax, data: pd.DataFrame, by: str, value: str, horizontal: bool = False) -> None:
+    """Box plot of ``value`` for each value of ``by`` (NaNs dropped); horizontal keeps long labels readable."""
     labels = sorted(data[by].unique())
     values = [data.loc[data[by] == label, value].dropna().astype(float).to_numpy() for label in labels]
-    ax.boxplot(values)
-    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, fontsize=7)
+    ax.boxplot(values, orientation="horizontal" if horizontal else "vertical")
+    if horizontal:
+        ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=7)
+        if not ax.yaxis_inverted():  # axes sharing y share the inversion: flip once
+            ax.invert_yaxis()  # first label on top, as in a table
+    else:
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, fontsize=7)
 
 
 def closeness_to_expert(closeness: pd.DataFrame) -> Figure:
@@ -150,11 +155,12 @@ def closeness_to_expert(closeness: pd.DataFrame) -> Figure:
     if closeness.empty:
         return empty("no failed rollouts with an expert trajectory")
     data = closeness.assign(label=closeness["source"] + " it" + closeness["iteration"].astype(str))
-    figure, axes = grid(1, 2, 5.0, 3.5)
-    boxes(axes[0, 0], data, "label", "expert_distance")
-    axes[0, 0].set_ylabel("normalised edit distance to expert")
-    boxes(axes[0, 1], data, "label", "divergence_step")
-    axes[0, 1].set_ylabel("first step off the expert path")
+    # One row per (agent, iteration): the height grows with their number so labels never overlap.
+    figure, axes = grid(1, 2, 5.0, max(3.0, 0.2 * data["label"].nunique() + 1.0), sharey=True)
+    boxes(axes[0, 0], data, "label", "expert_distance", horizontal=True)
+    axes[0, 0].set_xlabel("normalised edit distance to expert")
+    boxes(axes[0, 1], data, "label", "divergence_step", horizontal=True)
+    axes[0, 1].set_xlabel("first step off the expert path")
     return figure
 
 
