@@ -222,7 +222,11 @@ def margin_vs_reward(margins: pd.DataFrame) -> Figure:
     figure, axes = grid(1, 2)
     for ax, column in zip(axes[0], ("implicit_margin", "loglik_margin")):
         for method, data in margins.groupby("method", sort=False):
-            ax.scatter(data["negative_reward"], data[column], s=12, alpha=0.6, color=color(method), label=method)
+            # Faint points show the spread; the line joins the mean margin per reward bin of 0.05, since
+            # many methods overlap on the few reward levels a task's reward can take.
+            ax.scatter(data["negative_reward"], data[column], s=8, alpha=0.2, color=color(method))
+            means = data.groupby((data["negative_reward"] / 0.05).round() * 0.05)[column].mean()
+            ax.plot(means.index, means.to_numpy(), marker="o", color=color(method), label=method)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.axvline(0.6, color="black", lw=0.8, ls=":")
         ax.set(xlabel="negative's reward", ylabel=column.replace("_", " "))
