@@ -187,6 +187,17 @@ def test_splits_follow_seed_and_kwargs(data_dir, env):
         env.task_ids("dev")
 
 
+def test_n_train_samples_the_train_split_across_databases(data_dir, env):
+    small = make_env("intercode_sql", data_dir=data_dir, seed=0, n_train=40)
+    train = small.task_ids("train")
+    assert len(train) == 40 and set(train) < set(env.task_ids("train"))
+    assert len({small.question(t).db_id for t in train}) > 5
+    assert small.task_ids("test_seen") == env.task_ids("test_seen")
+    assert make_env("intercode_sql", data_dir=data_dir, seed=0, n_train=40).task_ids("train") == train
+    with pytest.raises(EnvError, match="n_train"):
+        make_env("intercode_sql", data_dir=data_dir, n_train=10_000)
+
+
 def test_expert_scores_one_on_every_task_of_every_split(all_env):
     for split in all_env.splits():
         for task_id in all_env.task_ids(split):

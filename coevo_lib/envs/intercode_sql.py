@@ -10,6 +10,7 @@ scores after every turn (and reports the best turn), so the last query is never 
 Splits: questions on ``unseen_dbs`` form ``test_unseen``; the others are split into ``train`` and
 ``test_seen`` by a seeded shuffle of groups of questions sharing one gold query (Spider asks most
 queries twice, paraphrased; splitting the pair would leak the answer into the test split).
+``n_train`` keeps a seeded sample of that many training questions (smoke runs, scarce-expert studies).
 """
 
 from __future__ import annotations
@@ -114,9 +115,14 @@ def split_seen_questions(questions: list[Question], test_fraction: float, seed: 
     return sorted(q.id for q in questions if q.id not in test_ids), sorted(test_ids)
 
 
-def make_splits(questions: list[Question], unseen_dbs: set[str], test_fraction: float, seed: int) -> dict:
+def make_splits(questions: list[Question], unseen_dbs: set[str], test_fraction: float, seed: int,
+                n_train: int | None = None) -> dict:
     seen = [q for q in questions if q.db_id not in unseen_dbs]
     train, test_seen = split_seen_questions(seen, test_fraction, seed)
+    if n_train is not None:  # a seeded sample across databases (the ids are ordered by database)
+        if not 1 <= n_train <= len(train):
+            raise EnvError(f"n_train must be in [1, {len(train)}] (the train split's size), got {n_train}")
+        train = sorted(random.Random(f"train/{seed}").sample(train, n_train))
     test_unseen = sorted(q.id for q in questions if q.db_id in unseen_dbs)
     return {"train": train, "test_seen": test_seen, "test_unseen": test_unseen}
 
@@ -129,7 +135,7 @@ class InterCodeSQLEnv(TextEnv):
     def __init__(
         self, seed: int = 0, data_dir: str | Path | None = None, unseen_dbs: list[str] | tuple[str, ...] | None = None,
         seen_test_fraction: float = 0.2, max_steps: int = 10, max_rows: int = 100, timeout_s: float = 2.0,
-        exclude_dbs: list[str] | tuple[str, ...] = DEFAULT_EXCLUDED_DBS,
+        exclude_dbs: list[str] | tuple[str, ...] = DEFAULT_EXCLUDED_DBS, n_train: int | None = None,
     ):
         check_settings(seen_test_fraction, max_steps, max_rows, timeout_s)
         self.data_dir = require_build(data_dir)
@@ -140,7 +146,7 @@ class InterCodeSQLEnv(TextEnv):
         self.unseen_dbs = tuple(DEFAULT_UNSEEN_DBS if unseen_dbs is None else unseen_dbs)
         check_known_dbs("unseen_dbs", self.unseen_dbs, {q.db_id for q in questions})
         self._questions = {q.id: q for q in questions}
-        self._splits = make_splits(questions, set(self.unseen_dbs), seen_test_fraction, seed)
+        self._splits = make_splits(questions, set(self.unseen_dbs), seen_test_fraction, seed, n_train)
         self._sandboxes: dict[tuple[str, float], SqlSandbox] = {}
         self._gold_results: dict[str, QueryResult] = {}
         self._tables: dict[str, list[str]] = {}
