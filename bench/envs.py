@@ -15,21 +15,22 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
+from coevo_lib.config import load_config
 from coevo_lib.envs import make_env
 from coevo_lib.envs.base import EnvError
 
-# Settings of the recipes the numbers describe (minishop: configs/minishop/base.yaml).
-ENV_KWARGS: dict[str, dict[str, Any]] = {
-    "minishop": {"results_per_page": 3, "echo_page": False},
-    "intercode_sql": {},
-    "scienceworld": {"n_train": 8, "n_test_seen": 40, "n_test_unseen": 8},
+# Each environment with the settings of the recipe the numbers describe.
+RECIPES = {
+    "minishop": "configs/minishop/base.yaml",
+    "intercode_sql": "configs/intercode_sql/smoke.yaml",
+    "scienceworld": "configs/scienceworld/smoke.yaml",
 }
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--tasks", type=int, default=20)
-    parser.add_argument("--envs", nargs="+", default=list(ENV_KWARGS))
+    parser.add_argument("--envs", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     return parser.parse_args()
 
 
@@ -40,9 +41,17 @@ def timed(times: list[float], call: Callable[[], Any]) -> Any:
     return result
 
 
+def env_kwargs(name: str, n_tasks: int) -> dict[str, Any]:
+    kwargs = dict(load_config(RECIPES[name]).env.kwargs)
+    if name == "scienceworld":  # the smoke recipe draws only 4 test_seen variations
+        kwargs["n_test_seen"] = n_tasks
+    return kwargs
+
+
 def time_env(name: str, n_tasks: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = defaultdict(list)
-    env = timed(times["construct"], lambda: make_env(name, **ENV_KWARGS.get(name, {})))
+    kwargs = env_kwargs(name, n_tasks)
+    env = timed(times["construct"], lambda: make_env(name, **kwargs))
     try:
         for task_id in env.task_ids("test_seen")[:n_tasks]:
             actions = env.expert_actions(task_id)
@@ -65,7 +74,7 @@ def main() -> None:
     for name in args.envs:
         try:
             times = time_env(name, args.tasks)
-        except EnvError as error:
+        except (EnvError, FileNotFoundError) as error:  # no Java, no SQL build
             print(f"{name:<15} skipped: {error}")
             continue
         for call, values in times.items():

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-METHOD_COLORS = {"sft": "#7f7f7f", "rft": "#bcbd22", "best_of_n": "#17becf", "eto": "#1f77b4", "eto_sft": "#9edae5",
-                 "coevo": "#d62728", "coevo_frozen_failure": "#ff7f0e", "positive_agent": "#2ca02c"}
+METHOD_COLORS = {"sft": "#7f7f7f", "rft": "#bcbd22", "best_of_n": "#17becf", "eto": "#1f77b4",
+                 "eto_sft": "#9edae5", "coevo": "#d62728", "coevo_frozen_failure": "#ff7f0e",
+                 "positive_agent": "#2ca02c"}
 AGENT_STYLES = {"target": "-", "failure": "--", "positive": ":"}
 CLASS_COLORS = {"hard negative": "#d62728", "ordinary failure": "#7f7f7f"}
 

@@ -118,10 +118,10 @@ def compare_config(run: RunDir, config: RunConfig) -> str:
     diffs = sorted(flatten_diff(saved, current))
     if not diffs:
         return "same"
-    old_iterations = saved.get("loop", {}).get("iterations")
-    if diffs == [f"loop.iterations: {old_iterations!r} -> {config.loop.iterations!r}"] and (
-        config.loop.iterations > old_iterations
-    ):
+    # Extending: the saved config with the new iteration count is the current one, and the count grew.
+    saved_loop = saved.get("loop", {})
+    with_new_count = {**saved, "loop": {**saved_loop, "iterations": config.loop.iterations}}
+    if not flatten_diff(with_new_count, current) and config.loop.iterations > saved_loop.get("iterations", 0):
         return "extends"
     raise ConfigError(
         f"run directory {run.path} was started with a different config (first difference: {diffs[0]}); "

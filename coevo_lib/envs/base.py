@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 StepResult = tuple[str, float, bool, dict[str, Any]]
 
@@ -27,6 +27,18 @@ class TaskSpec:
     system_prompt: str
     # A worked example shown to real (non-tiny) models; the tiny model learns the format from SFT.
     few_shot: list[dict[str, str]] = field(default_factory=list)
+
+
+EpisodeT = TypeVar("EpisodeT")
+
+
+def live_episode(episode: EpisodeT | None) -> EpisodeT:
+    """The episode in progress; stepping without one is caller misuse (EnvError), not a bad action."""
+    if episode is None:
+        raise EnvError("call reset(task_id) before step()")
+    if episode.done:
+        raise EnvError("the episode is over; call reset(task_id) to start another")
+    return episode
 
 
 class TextEnv(ABC):

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from coevo_lib.envs.base import EnvError, StepResult, TaskSpec, TextEnv
+from coevo_lib.envs.base import EnvError, StepResult, TaskSpec, TextEnv, live_episode
 from coevo_lib.envs.sql_build import Question, database_path, load_questions, require_build
 from coevo_lib.envs.sql_sandbox import QueryResult, SqlSandbox, result_reward
 
@@ -169,7 +169,7 @@ class InterCodeSQLEnv(TextEnv):
         return self.first_observation(question)
 
     def step(self, action: str) -> StepResult:
-        episode = self._active_episode()
+        episode = live_episode(self._episode)
         episode.steps += 1
         sql = strip_fences(action)
         if is_submit(sql):
@@ -239,13 +239,6 @@ class InterCodeSQLEnv(TextEnv):
         if key not in self._sandboxes:
             self._sandboxes[key] = SqlSandbox(database_path(self.data_dir, db_id), timeout_s=timeout_s)
         return self._sandboxes[key]
-
-    def _active_episode(self) -> EpisodeState:
-        if self._episode is None:
-            raise EnvError("call reset(task_id) before step()")
-        if self._episode.done:
-            raise EnvError("the episode is over; call reset(task_id) to start another")
-        return self._episode
 
     def _finish(self, episode: EpisodeState, submitted: bool, observation: str | None = None) -> StepResult:
         episode.done = True

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from coevo_lib.envs.base import EnvError, StepResult, TaskSpec, TextEnv
+from coevo_lib.envs.base import EnvError, StepResult, TaskSpec, TextEnv, live_episode
 from coevo_lib.envs.minishop_catalog import Goal, Product, Shop, Task, build_shop, search, tokenize
 
 SPLITS = ("train", "test_seen", "test_unseen")
@@ -237,11 +237,7 @@ class MiniShopEnv(TextEnv):
         return render_search(task.instruction)
 
     def step(self, action: str) -> StepResult:
-        if self._episode is None:
-            raise EnvError("call reset(task_id) before step()")
-        if self._episode.done:
-            raise EnvError("the episode is over; call reset(task_id) to start another")
-        return self._episode.step(action)
+        return live_episode(self._episode).step(action)
 
     def expert_actions(self, task_id: str) -> list[str]:
         task = self.task(task_id)

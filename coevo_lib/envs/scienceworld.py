@@ -38,7 +38,7 @@ except ImportError as error:  # an optional extra: say how to get it
                       "(or `pip install -e '.[envs]'`)") from error
 
 from coevo_lib.envs import scienceworld_splits as sws
-from coevo_lib.envs.base import EnvError, StepResult, TaskSpec, TextEnv
+from coevo_lib.envs.base import EnvError, StepResult, TaskSpec, TextEnv, live_episode
 
 logger = logging.getLogger(__name__)
 # py4j logs a traceback for every gateway it shuts down after the JVM has already exited (our
@@ -261,7 +261,7 @@ class ScienceWorldEnv(TextEnv):
         return f"{description}\n\n{observations[0]}"
 
     def step(self, action: str) -> StepResult:
-        episode = self._active_episode()
+        episode = live_episode(self._episode)
         action = str(action)
         observation, score, completed = self._call(lambda sim: sim.step(action))
         episode.actions.append(action)
@@ -300,7 +300,7 @@ class ScienceWorldEnv(TextEnv):
 
     def valid_actions(self) -> list[str]:
         """The actions ScienceWorld accepts in the current state (sorted); 20-300 ms, so only on demand."""
-        self._active_episode()
+        live_episode(self._episode)  # only inside an episode: raises otherwise
         return self._call(lambda sim: sim.valid_actions())
 
     def write_index(self, path: str | Path) -> Path:
@@ -377,13 +377,6 @@ class ScienceWorldEnv(TextEnv):
         if variation not in sws.all_variations(self._variations, task_name):
             raise EnvError(f"{task_name} has no variation {variation} (task id {task_id!r})")
         return task_name, variation
-
-    def _active_episode(self) -> Episode:
-        if self._episode is None:
-            raise EnvError("call reset(task_id) before step()")
-        if self._episode.done:
-            raise EnvError("the episode is over; call reset(task_id) to start another")
-        return self._episode
 
     def _expert_example(self) -> list[dict[str, str]]:
         """The expert trajectory of a short training task as chat messages (the worked example)."""
