@@ -23,10 +23,11 @@ from coevo_lib.envs.base import TextEnv
 from coevo_lib.evaluate import best_of_n_metrics, split_metrics
 from coevo_lib.models import create_base_agent, load_model, load_tokenizer, save_agent
 from coevo_lib.pairs import eto_pairs, expert_pairs, failure_pairs, target_pairs
-from coevo_lib.records import Episode, Pair, read_episodes, read_pairs, write_jsonl_atomic
+from coevo_lib.records import Episode, Pair, read_episodes, read_pairs, write_json_atomic, write_jsonl_atomic
 from coevo_lib.rollout import HFGenerator, TaskRef, expand_tasks, expert_episode, rollout
 from coevo_lib.runs import RunDir, atomic_dir
 from coevo_lib.train import train_dpo, train_sft
+from coevo_lib.train.launch import run_stage, section_config
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class Workbench:
     def record_experts(self) -> dict[str, Any]:
         """Expert trajectories of the training tasks; ones that do not succeed (a gold path longer than
         the step limit, a simulator quirk) are dropped and counted, never trained on."""
+        # The rules the experts (and later the agents) are scored by: splits, step limits, reward rule.
+        write_json_atomic(self.run_dir.sub("protocol.json"), self.env.protocol())
         # Every training task's expert (the scarce ground truth); rollout.max_tasks only caps rollouts.
         episodes = [expert_episode(self.env, t, "train", self.config.prompt) for t in self.env.task_ids("train")]
         solved = [ep for ep in episodes if ep.success]
@@ -149,6 +152,9 @@ class Workbench:
         stats: dict[str, Any] = {}
 
         def build(tmp: Path) -> None:
+            if self.launched():
+                stats.update(self.launch_training("sft", name, base, episodes, "sft", self.config.seed, tmp))
+                return
             model, tokenizer = load_model(base, self.config.model, trainable=True), load_tokenizer(base)
             stats.update(train_sft(model, tokenizer, episodes, self.config.sft, self.run_dir.sub("tb", name),
                                    self.config.seed))
@@ -156,6 +162,21 @@ class Workbench:
 
         atomic_dir(self.run_dir.checkpoint(name), build)
         return {**stats, "checkpoint": str(self.run_dir.checkpoint(name))}
+
+    def launched(self) -> bool:
+        return self.config.train.launcher != "inprocess"
+
+    def launch_training(self, kind: str, name: str, start: str, examples: list, section: str, seed: int,
+                        out: Path) -> dict[str, Any]:
+        """Train ``examples`` from ``start`` into ``out`` as a launched stage (coevo_lib.train.launch)."""
+        if not examples:  # nothing to train on: the checkpoint is the start, as train_dpo returns it
+            shutil.copytree(start, out)
+            return {"pairs": 0, "steps": 0, "tokens_trained": 0, "wall_s": 0.0, "train_loss": None}
+        job = {"kind": kind, "run_dir": str(self.run_dir.path.resolve()), "stage_section": section,
+               "start": str(Path(start).resolve()), "seed": seed, "out": str(out.resolve()),
+               "tb_dir": str(self.run_dir.sub("tb", name).resolve())}
+        stats = run_stage(self.config.train, self.run_dir.sub("launch", name), job, examples)
+        return {**stats, "launcher": self.config.train.launcher}
 
     def roll(self, agent: str, checkpoint: str, iteration: int, refs: list[TaskRef], temperature: float,
              kind: str) -> list[Episode]:
@@ -186,7 +207,8 @@ class Workbench:
     def dpo_stage(self, agent: str, iteration: int, pairs_name: str, frozen: bool = False) -> None:
         """DPO of ``agent`` on the iteration's pairs; the reference is the agent at the iteration start."""
         start = self.checkpoint(agent, iteration - 1)
-        stage_config = self.config.dpo if agent == "target" else self.config.loop.failure_dpo
+        section = "dpo" if agent == "target" else "loop.failure_dpo"
+        stage_config = section_config(self.config, section)
 
         def compute() -> dict[str, Any]:
             if frozen:
@@ -195,6 +217,10 @@ class Workbench:
             out, stats = self.run_dir.checkpoint(f"{agent}-it{iteration}"), {}
 
             def build(tmp: Path) -> None:
+                if self.launched():
+                    stats.update(self.launch_training("dpo", f"{agent}-it{iteration}", start, pairs, section,
+                                                      self.config.seed + iteration, tmp))
+                    return
                 model, tokenizer = load_model(start, self.config.model, trainable=True), load_tokenizer(start)
                 stats.update(train_dpo(model, tokenizer, pairs, stage_config,
                                        self.run_dir.sub("tb", f"{agent}-it{iteration}"), self.config.seed + iteration))

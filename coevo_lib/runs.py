@@ -4,12 +4,14 @@ Layout (written before any compute)::
 
     <run>/config.yaml      resolved RunConfig
     <run>/env.json         git sha, package versions, device
+    <run>/protocol.json    the environment's benchmark protocol: splits, step limits, reward rule (expert stage)
     <run>/metrics.jsonl    one JSON record per finished stage (idempotent: a stage logs once)
     <run>/episodes/        rollouts and evaluation episodes (JSONL)
     <run>/pairs/           preference pairs (JSONL)
     <run>/checkpoints/     one directory per agent and iteration
     <run>/stages/          <stage>.json done-markers
     <run>/tb/              TensorBoard logs of the trainers
+    <run>/launch/          launched training stages: job, examples, launch.log (train.launcher != inprocess)
 """
 
 from __future__ import annotations
@@ -113,8 +115,9 @@ def init_run_dir(config: RunConfig, path: Path) -> RunDir:
 
 def compare_config(run: RunDir, config: RunConfig) -> str:
     """'same', or 'extends' when only loop.iterations grew; any other difference raises ConfigError."""
-    saved = yaml.safe_load(run.config_path.read_text())
-    current = yaml.safe_load(dump_config(config))
+    # train.* says how stages are launched, not what they compute: a run may resume on more or fewer ranks.
+    saved = {**yaml.safe_load(run.config_path.read_text()), "train": None}
+    current = {**yaml.safe_load(dump_config(config)), "train": None}
     diffs = sorted(flatten_diff(saved, current))
     if not diffs:
         return "same"

@@ -49,17 +49,17 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def eto_env(cache_dir):
-    """The default (ETO) configuration; building it fills the variation cache."""
-    env = make_env("scienceworld", cache_dir=cache_dir)
+def drawn_env(cache_dir):
+    """Splits drawn by ETO's convention (split="drawn"); building it fills the variation cache."""
+    env = make_env("scienceworld", cache_dir=cache_dir, split="drawn")
     yield env
     env.close()
 
 
 @pytest.fixture(scope="module")
-def all_env(cache_dir, eto_env):
+def all_env(cache_dir, drawn_env):
     """All 30 tasks and a step budget that fits the longest gold path (~200 actions)."""
-    env = make_env("scienceworld", cache_dir=cache_dir, exclude_tasks=(), max_steps=400)
+    env = make_env("scienceworld", cache_dir=cache_dir, split="drawn", exclude_tasks=(), max_steps=400)
     yield env
     env.close()
 
@@ -85,16 +85,16 @@ def play(env, task_id: str, actions: list[str]) -> tuple[list[str], float, dict]
 
 # --- splits -----------------------------------------------------------------------------------------------
 
-def test_default_splits_follow_eto(eto_env, cache_dir):
+def test_drawn_splits_follow_eto_convention(drawn_env, cache_dir):
     variations = json.loads(sws.variation_cache_path(cache_dir).read_text())["tasks"]
-    ids = {split: eto_env.task_ids(split) for split in eto_env.splits()}
-    assert eto_env.tasks == [t for t in sws.TASK_NAMES if t not in sws.ETO_EXCLUDED_TASKS] and len(eto_env.tasks) == 24
+    ids = {split: drawn_env.task_ids(split) for split in drawn_env.splits()}
+    assert drawn_env.tasks == [t for t in sws.TASK_NAMES if t not in sws.ETO_EXCLUDED_TASKS] and len(drawn_env.tasks) == 24
     assert {split: len(v) for split, v in ids.items()} == {"train": 2286, "test_seen": 194, "test_unseen": 211}
     assert Counter(map(task_of, ids["test_unseen"])) == ETO_UNSEEN_COUNTS
     for split, source in sws.VARIATION_SET.items():
         assert all(sws.parse_task_id(t)[1] in variations[task_of(t)][source] for t in ids[split])
     assert len(set().union(*ids.values())) == sum(map(len, ids.values()))  # disjoint, no duplicates
-    assert eto_env.split_of(ids["test_seen"][0]) == "test_seen"
+    assert drawn_env.split_of(ids["test_seen"][0]) == "test_seen"
 
 
 def test_draw_split_is_balanced_and_seeded():
@@ -109,12 +109,12 @@ def test_draw_split_is_balanced_and_seeded():
         sws.draw_split(pools, 33, random.Random(0))
 
 
-def test_splits_are_deterministic_and_sized(cache_dir, eto_env):
-    again = make_env("scienceworld", cache_dir=cache_dir)
+def test_splits_are_deterministic_and_sized(cache_dir, drawn_env):
+    again = make_env("scienceworld", cache_dir=cache_dir, split="drawn")
     assert again.jvm_pid() is None  # a warm cache: building the splits started no JVM
-    assert all(again.task_ids(s) == eto_env.task_ids(s) for s in eto_env.splits())
-    other = make_env("scienceworld", cache_dir=cache_dir, seed=1, n_train=1483)
-    assert other.task_ids("test_seen") != eto_env.task_ids("test_seen")
+    assert all(again.task_ids(s) == drawn_env.task_ids(s) for s in drawn_env.splits())
+    other = make_env("scienceworld", cache_dir=cache_dir, split="drawn", seed=1, n_train=1483)
+    assert other.task_ids("test_seen") != drawn_env.task_ids("test_seen")
     assert len(other.task_ids("train")) == 1483
     per_task = Counter(map(task_of, other.task_ids("train")))
     pools = {t: len(json.loads(sws.variation_cache_path(cache_dir).read_text())["tasks"][t]["train"]) for t in per_task}
@@ -122,11 +122,11 @@ def test_splits_are_deterministic_and_sized(cache_dir, eto_env):
     assert all(count == pools[t] or count >= level - 1 for t, count in per_task.items())  # water-filling
 
 
-def test_index_file_round_trip_and_eto_names(cache_dir, eto_env, tmp_path):
+def test_index_file_round_trip_and_eto_names(cache_dir, drawn_env, tmp_path):
     for name in ("index.json", "index.jsonl"):
-        path = eto_env.write_index(tmp_path / name)
+        path = drawn_env.write_index(tmp_path / name)
         loaded = make_env("scienceworld", cache_dir=cache_dir, index_file=path)
-        assert all(loaded.task_ids(s) == eto_env.task_ids(s) for s in eto_env.splits())
+        assert all(loaded.task_ids(s) == drawn_env.task_ids(s) for s in drawn_env.splits())
     eto_style = {"train": [["task-1-boil", 3]],
                  "test_unseen": [["task-10-measure-melting-point-(known-substance)", 327]]}
     (tmp_path / "eto.json").write_text(json.dumps(eto_style))
@@ -139,17 +139,19 @@ def test_index_file_round_trip_and_eto_names(cache_dir, eto_env, tmp_path):
             make_env("scienceworld", cache_dir=cache_dir, index_file=tmp_path / "bad.json")
 
 
-def test_misuse_raises_env_error(cache_dir, eto_env):
+def test_misuse_raises_env_error(cache_dir, drawn_env):
     with pytest.raises(EnvError):
-        eto_env.task_ids("dev")
+        drawn_env.task_ids("dev")
     with pytest.raises(EnvError):
-        eto_env.reset("boil|999")
+        drawn_env.reset("boil|999")
     with pytest.raises(EnvError):
-        eto_env.reset("no-such-task|1")
+        drawn_env.reset("no-such-task|1")
     fresh = make_env("scienceworld", cache_dir=cache_dir)
     with pytest.raises(EnvError):
         fresh.step("look around")
-    for bad in ({"max_steps": 0}, {"simplification": "hard"}, {"jvm_heap": "lots"}, {"exclude_tasks": ["nope"]}):
+    for bad in ({"max_steps": 0}, {"max_steps": "ETO"}, {"simplification": "hard"}, {"jvm_heap": "lots"},
+                {"exclude_tasks": ["nope"]}, {"split": "dev"}, {"reward_rule": "best"}, {"eto_train_overlap": "no"},
+                {"split": "drawn", "exclude_tasks": ()}):  # ETO has no step limit for the tasks it excluded
         with pytest.raises(EnvError):
             make_env("scienceworld", cache_dir=cache_dir, **bad)
 
@@ -200,7 +202,7 @@ def test_bad_actions_are_answered_with_observations(all_env):
 
 
 def test_step_limit_ends_the_episode(all_env, monkeypatch):
-    monkeypatch.setattr(all_env, "max_steps", 3)
+    monkeypatch.setattr(all_env, "flat_limit", 3)
     all_env.reset(first_of(all_env, "train", "boil"))
     results = [all_env.step("look around") for _ in range(3)]
     assert [done for _, _, done, _ in results] == [False, False, True]
@@ -243,9 +245,104 @@ def test_thoughts_name_the_verb():
     assert thought_for("flush toilet") == "I should flush toilet."
 
 
+# --- ETO's protocol: its split files, per-task step limits, max-score reward ----------------------------
+
+ETO_FILES = sws.ETO_DATA_DIR
+
+
+def eto_ids(file_name: str) -> list[str]:
+    return [sws.make_task_id(sws.canonical_task_name(name), variation)
+            for name, variation in json.loads((ETO_FILES / file_name).read_text())]
+
+
+@pytest.fixture(scope="module")
+def eto_env(cache_dir, drawn_env):
+    """The default configuration: ETO's split files, ETO's step limits, ETO's reward rule."""
+    env = make_env("scienceworld", cache_dir=cache_dir)
+    yield env
+    env.close()
+
+
+def test_eto_split_is_exactly_etos_files(eto_env, cache_dir):
+    expected = {"train": eto_ids("train_indices.json"), "test_seen": eto_ids("dev_indices.json"),
+                "test_unseen": eto_ids("test_indices.json")}
+    assert {split: eto_env.task_ids(split) for split in sws.SPLITS} == expected
+    assert {split: len(ids) for split, ids in expected.items()} == {"train": 1483, "test_seen": 194, "test_unseen": 211}
+    variations = json.loads(sws.variation_cache_path(cache_dir).read_text())["tasks"]
+    outside_train = [t for t in expected["train"] if sws.parse_task_id(t)[1] not in variations[task_of(t)]["train"]]
+    assert len(outside_train) == 357  # as the data README found
+    protocol = eto_env.protocol()
+    assert protocol["split_overlaps"] == {"train&test_seen": 54}  # ETO trains on 54 of its seen test ids
+    assert protocol["step_limit"]["rule"] == "eto" and protocol["reward_rule"] == "max"
+    dropped = make_env("scienceworld", cache_dir=cache_dir, eto_train_overlap="drop")
+    assert len(dropped.task_ids("train")) == 1483 - 54 and dropped.protocol()["split_overlaps"] == {}
+    sample = make_env("scienceworld", cache_dir=cache_dir, n_train=48, n_test_seen=24, n_test_unseen=24)
+    assert [len(sample.task_ids(s)) for s in sws.SPLITS] == [48, 24, 24]
+    assert all(set(sample.task_ids(s)) <= set(expected[s]) for s in sws.SPLITS)
+    assert len(set(map(task_of, sample.task_ids("test_seen")))) == 24  # balanced: one id per task
+
+
+def test_eto_step_limits_end_episodes_at_the_tasks_limit(eto_env):
+    limits = sws.eto_step_limits()
+    assert len(limits) == 24 and min(limits.values()) == 10 and limits["measure-melting-point-known-substance"] == 120
+    for task_name in ("lifespan-longest-lived", "find-plant"):
+        eto_env.reset(first_of(eto_env, "test_seen", task_name))
+        assert eto_env.max_steps == limits[task_name]
+        dones = [eto_env.step("look at agent")[2] for _ in range(limits[task_name])]
+        assert dones == [False] * (limits[task_name] - 1) + [True], task_name
+
+
+def gain_then_fail(env, task_id: str) -> tuple[float, dict]:
+    """Follow the gold path until the score is positive, then focus on a door: ScienceWorld's failure state."""
+    gold = env.expert_actions(task_id)
+    env.reset(task_id)
+    for action in gold:
+        _, _, _, info = env.step(action)
+        if info["score"] > 0:
+            break
+    wrong = next(a for a in env.valid_actions() if a.startswith("focus on door"))
+    _, reward, done, info = env.step(wrong)
+    assert done and info["score"] < 0 and 0 < info["best_score"] < 100
+    return reward, info
+
+
+def test_reward_rules_on_progress_then_a_failure_state(eto_env, cache_dir):
+    task_id = first_of(eto_env, "train", "chemistry-mix-paint-secondary-color")
+    reward, info = gain_then_fail(eto_env, task_id)
+    assert reward == info["best_score"] / 100 and not info["success"]  # ETO: the best score reached counts
+    final = make_env("scienceworld", cache_dir=cache_dir, reward_rule="final")
+    reward, info = gain_then_fail(final, task_id)
+    assert reward == 0.0 and not info["success"]  # today's option: the score at the end, 0 after a failure
+    final.close()
+
+
+def predicted_reward(all_env, task_id: str, limit: int) -> float:
+    """What ETO's rules give the gold path: 1 if it fits the limit, else the best score within the limit."""
+    gold = all_env.expert_actions(task_id)
+    all_env.reset(task_id)
+    scores = []
+    for action in gold:
+        _, _, done, info = all_env.step(action)
+        scores.append(info["score"])
+        if done:
+            break
+    return 1.0 if len(gold) <= limit else max(max(scores[:limit], default=0), 0) / 100
+
+
+@pytest.mark.parametrize("split", ["test_seen", "test_unseen"])
+def test_held_out_gold_replays_score_what_the_rules_predict(eto_env, all_env, split):
+    # find-living-thing's gold path (16 steps) exceeds its ETO limit (15); the other two fit.
+    for task_name in ("find-living-thing", "lifespan-longest-lived", "power-component"):
+        task_id = first_of(eto_env, split, task_name)
+        expected = predicted_reward(all_env, task_id, eto_env.step_limit(task_name))
+        _, reward, info = play(eto_env, task_id, eto_env.expert_actions(task_id))
+        assert reward == pytest.approx(expected), task_id
+        assert info["success"] == (expected == 1.0)
+
+
 # --- the JVM --------------------------------------------------------------------------------------------
 
-def test_killed_jvm_is_replaced_and_the_episode_replayed(cache_dir, eto_env):
+def test_killed_jvm_is_replaced_and_the_episode_replayed(cache_dir, drawn_env):
     env = make_env("scienceworld", cache_dir=cache_dir)
     task_id = first_of(env, "train", KILL_TASK)
     actions = env.expert_actions(task_id)
@@ -267,7 +364,7 @@ def test_killed_jvm_is_replaced_and_the_episode_replayed(cache_dir, eto_env):
     env.close()
 
 
-def test_jvm_dead_between_episodes_and_its_options(cache_dir, eto_env):
+def test_jvm_dead_between_episodes_and_its_options(cache_dir, drawn_env):
     env = make_env("scienceworld", cache_dir=cache_dir, jvm_heap="512m")
     env.reset(first_of(env, "train", KILL_TASK))
     pid = env.jvm_pid()

@@ -50,6 +50,8 @@ class TextEnv(ABC):
 
     name: str = "env"
     max_steps: int = 15
+    # How the final reward is computed, in one line (recorded in run directories by protocol()).
+    reward_rule: str = "final reward in [0, 1]"
 
     @abstractmethod
     def splits(self) -> list[str]:
@@ -92,6 +94,13 @@ class TextEnv(ABC):
             if task_id in set(self.task_ids(split)):
                 return split
         raise EnvError(f"unknown task id {task_id!r} for environment {self.name!r}")
+
+    def protocol(self) -> dict[str, Any]:
+        """The benchmark protocol this environment applies: split sizes, step limit, reward rule.
+
+        Written to ``<run>/protocol.json`` so a run says which rules produced its numbers."""
+        return {"env": self.name, "split_sizes": {split: len(self.task_ids(split)) for split in self.splits()},
+                "max_steps": self.max_steps, "reward_rule": self.reward_rule}
 
     def close(self) -> None:
         """Release external resources (JVMs, database connections). Safe to call twice."""

@@ -131,6 +131,8 @@ class InterCodeSQLEnv(TextEnv):
     """Spider-dev text-to-SQL as a multi-turn environment with InterCode's reward (see module doc)."""
 
     name = "intercode_sql"
+    reward_rule = ("the last statement's result vs gold: multiset IoU of rows, x Kendall tau when the gold "
+                   "orders (InterCode)")
 
     def __init__(
         self, seed: int = 0, data_dir: str | Path | None = None, unseen_dbs: list[str] | tuple[str, ...] | None = None,

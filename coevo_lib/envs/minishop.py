@@ -212,6 +212,8 @@ class MiniShopEnv(TextEnv):
     """The MiniShop environment (see module doc)."""
 
     name = "minishop"
+    reward_rule = ("on buy: type match x share of attributes, options and price met (WebShop's structure); "
+                   "0 when out of steps")
 
     def __init__(self, seed: int = 0, n_train: int = 240, n_test_seen: int = 60, n_test_unseen: int = 60,
                  max_steps: int = 12, results_per_page: int = 5, echo_page: bool = True):

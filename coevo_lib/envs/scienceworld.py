@@ -5,9 +5,17 @@ Episode: ``reset`` loads the variation with ``simplification`` ("easy" as in ETO
 teleport, open doors and containers, self-watering pots, no electrical actions unless needed), takes
 ScienceWorld's opening "look around" and returns the task description followed by its observation. The
 simulator answers unknown actions itself ("No known action matches that input."). An episode ends when
-the game completes, the score turns negative (ScienceWorld's failure states) or after ``max_steps``
-actions. Reward is final: 0 on every step but the last, max(score, 0) / 100 there (ETO kept the best
-score seen instead); ``info["score"]`` is the raw score, ``info["success"]`` is score == 100.
+the game completes, the score turns negative (ScienceWorld's failure states) or at the step limit.
+
+The protocol follows ETO (the code base the paper extends) by default; each rule has an option:
+
+* ``split="eto"``: ETO's own files (1,483 train / 194 seen / 211 unseen, data/eto_scienceworld/), or
+  ``split="drawn"``: a seeded draw from ScienceWorld's variation sets (:mod:`scienceworld_splits`).
+* ``max_steps="eto"``: ETO's limit per task (10 to 120), or an integer: one flat limit for every task.
+* ``reward_rule="max"``: ETO's reward, the highest score reached during the episode / 100 (progress made before
+  a failure state counts), or ``"final"``: the score when the episode ends, 0 after a failure state.
+  Either way the reward is paid on the last step (0 before), ``info["score"]`` is the raw score, and success
+  means the score reached 100 (ETO's own success flag only means the episode ended).
 
 Speed: the package's ``step`` lists the 100-4,000 valid actions every step; we list them on demand only
 (:meth:`ScienceWorldEnv.valid_actions`, or into ``info["valid_actions"]`` with ``valid_actions=True``).
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -153,8 +162,10 @@ class Episode:
     task_id: str
     task_name: str
     variation: int
+    limit: int  # this task's step limit
     observations: list[str] = field(default_factory=list)  # opening "look around", then one per action
     actions: list[str] = field(default_factory=list)
+    best_score: int = 0  # the highest score reached so far (ETO's reward)
     done: bool = False
 
 
@@ -195,9 +206,16 @@ def same_observation(first: str, second: str) -> bool:
     return sorted(line.strip() for line in first.splitlines()) == sorted(line.strip() for line in second.splitlines())
 
 
-def check_settings(max_steps: int, simplification: str, jvm_heap: str) -> None:
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise EnvError(f"max_steps must be a positive integer, got {max_steps!r}")
+SPLIT_SOURCES = ("eto", "drawn")
+REWARD_RULES = ("max", "final")
+OVERLAP_RULES = ("keep", "drop")
+# split="drawn" with no size given draws ETO's test sizes and keeps every train variation.
+DRAWN_DEFAULT_SIZES = {"train": None, "test_seen": 194, "test_unseen": 211}
+
+
+def check_settings(max_steps: int | str, simplification: str, jvm_heap: str) -> None:
+    if max_steps != "eto" and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1):
+        raise EnvError(f"max_steps must be 'eto' (ETO's per-task limits) or a positive integer, got {max_steps!r}")
     unknown = [s for s in simplification.split(",") if s and s not in SIMPLIFICATIONS]
     if unknown:
         raise EnvError(f"unknown simplifications {unknown}; ScienceWorld has {', '.join(SIMPLIFICATIONS)}")
@@ -205,22 +223,39 @@ def check_settings(max_steps: int, simplification: str, jvm_heap: str) -> None:
         raise EnvError(f"jvm_heap must look like '1g' or '512m' (java -Xmx), got {jvm_heap!r}")
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise EnvError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 class ScienceWorldEnv(TextEnv):
-    """ScienceWorld behind the coevo protocol (module doc). ``seed``, ``n_train`` (None: every train variation),
-    ``n_test_seen`` and ``n_test_unseen`` draw the splits from the tasks not in ``exclude_tasks``; an ``index_file``
-    lists them instead (both then unused). ``cache_dir`` ($COEVO_CACHE) keeps the per-task variation lists.
-    ``gold_path_on_reset=False`` loads faster and leaves the gold path to :meth:`expert_actions`."""
+    """ScienceWorld behind the coevo protocol (module doc: ``split``, ``max_steps``, ``reward_rule``).
+
+    Sizes ``n_train``, ``n_test_seen``, ``n_test_unseen``: None keeps the whole split (``split="eto"``: ETO's
+    files; ``"drawn"``: 194 seen, 211 unseen, every train variation); a number takes a seeded sample balanced over
+    the tasks not in ``exclude_tasks``. ``eto_train_overlap="drop"`` removes the 54 ETO train ids that are also
+    seen-split ids. An ``index_file`` lists the splits instead of all of these. ``cache_dir`` ($COEVO_CACHE)
+    keeps the per-task variation lists. ``gold_path_on_reset=False`` loads faster and leaves the gold path to
+    :meth:`expert_actions`."""
 
     name = "scienceworld"
 
     def __init__(
-        self, seed: int = 0, n_train: int | None = None, n_test_seen: int | None = 194, n_test_unseen: int | None = 211,
-        index_file: str | Path | None = None, max_steps: int = 40, simplification: str = "easy",
+        self, seed: int = 0, split: str = "eto", n_train: int | None = None, n_test_seen: int | None = None,
+        n_test_unseen: int | None = None, index_file: str | Path | None = None, max_steps: int | str = "eto",
+        reward_rule: str = "max", eto_train_overlap: str = "keep", simplification: str = "easy",
         jvm_heap: str = "1g", valid_actions: bool = False, gold_path_on_reset: bool = False,
         exclude_tasks: list[str] | tuple[str, ...] = sws.ETO_EXCLUDED_TASKS, cache_dir: str | Path | None = None,
     ):
         check_settings(max_steps, simplification, jvm_heap)
-        self.seed, self.max_steps, self.simplification, self.jvm_heap = seed, max_steps, simplification, jvm_heap
+        check_choice("split", split, SPLIT_SOURCES)
+        check_choice("reward_rule", reward_rule, REWARD_RULES)
+        check_choice("eto_train_overlap", eto_train_overlap, OVERLAP_RULES)
+        self.seed, self.simplification, self.jvm_heap = seed, simplification, jvm_heap
+        self.split_source = "index_file" if index_file is not None else split
+        self.reward_rule, self.eto_train_overlap = reward_rule, eto_train_overlap
+        self.step_limits = sws.eto_step_limits() if max_steps == "eto" else None
+        self.flat_limit = max_steps if max_steps != "eto" else None
         self.include_valid_actions = valid_actions  # not self.valid_actions: that is the method
         self.gold_path_on_reset = gold_path_on_reset
         self.restarts = 0  # JVMs restarted after dying
@@ -233,11 +268,48 @@ class ScienceWorldEnv(TextEnv):
         self._variations = sws.load_variations(self.variation_cache, self._fetch_variations)
         excluded = {sws.canonical_task_name(task) for task in exclude_tasks}
         self.tasks = [task for task in sws.TASK_NAMES if task not in excluded]
+        sizes = {"train": n_train, "test_seen": n_test_seen, "test_unseen": n_test_unseen}
         if index_file is not None:  # the user's own index replaces the drawing (and exclude_tasks)
             self._splits = sws.read_index(index_file, self._variations)
-        else:
-            sizes = {"train": n_train, "test_seen": n_test_seen, "test_unseen": n_test_unseen}
+        elif split == "drawn":
+            sizes = {name: DRAWN_DEFAULT_SIZES[name] if size is None else size for name, size in sizes.items()}
             self._splits = sws.draw_splits(self._variations, self.tasks, sizes, seed)
+        else:
+            self._splits = self._eto_splits(sizes)
+        self._check_limits_cover_tasks()
+
+    def _check_limits_cover_tasks(self) -> None:
+        if self.step_limits is None:
+            return
+        used = {sws.parse_task_id(task_id)[0] for ids in self._splits.values() for task_id in ids}
+        missing = sorted(used - set(self.step_limits))
+        if missing:
+            raise EnvError(f"ETO has no step limit for tasks {missing} (ETO excluded them); "
+                           "give an integer max_steps to use them")
+
+    def _eto_splits(self, sizes: dict[str, int | None]) -> sws.Splits:
+        splits = sws.eto_splits(self._variations)
+        overlap = set(splits["train"]) & set(splits["test_seen"])
+        logger.info("ETO's split lists %d train ids that are also seen-split ids (eto_train_overlap=%s)",
+                    len(overlap), self.eto_train_overlap)
+        if self.eto_train_overlap == "drop":
+            splits["train"] = [task_id for task_id in splits["train"] if task_id not in overlap]
+        kept = set(self.tasks)
+        splits = {name: [t for t in ids if sws.parse_task_id(t)[0] in kept] for name, ids in splits.items()}
+        return {name: ids if sizes[name] is None else
+                sws.subsample(ids, sizes[name], random.Random(f"scienceworld-eto/{self.seed}/{name}"))
+                for name, ids in splits.items()}
+
+    @property
+    def max_steps(self) -> int:
+        """The step limit of the episode in progress; between episodes, the largest any task has."""
+        if self._episode is not None:
+            return self._episode.limit
+        return self.flat_limit if self.flat_limit is not None else max(self.step_limits.values())
+
+    def step_limit(self, task_name: str) -> int:
+        """ETO's limit for ``task_name`` (max_steps="eto"), else the flat one."""
+        return self.flat_limit if self.flat_limit is not None else self.step_limits[task_name]
 
     # --- protocol -----------------------------------------------------------------------------------
 
@@ -257,7 +329,7 @@ class ScienceWorldEnv(TextEnv):
         description, observations, gold = self._call(lambda sim: self._play(sim, task_name, variation, [], gold_path))
         if gold is not None:
             self._experts.setdefault(task_id, gold)
-        self._episode = Episode(task_id, task_name, variation, observations=observations)
+        self._episode = Episode(task_id, task_name, variation, self.step_limit(task_name), observations=observations)
         return f"{description}\n\n{observations[0]}"
 
     def step(self, action: str) -> StepResult:
@@ -266,12 +338,15 @@ class ScienceWorldEnv(TextEnv):
         observation, score, completed = self._call(lambda sim: sim.step(action))
         episode.actions.append(action)
         episode.observations.append(observation)
-        info = {"score": score, "success": score == 100, "steps": len(episode.actions), "completed": completed}
+        episode.best_score = max(episode.best_score, score)
+        counted = episode.best_score if self.reward_rule == "max" else score
+        info = {"score": score, "best_score": episode.best_score, "success": counted == 100,
+                "steps": len(episode.actions), "completed": completed}
         if self.include_valid_actions:
             info["valid_actions"] = self.valid_actions()
-        episode.done = completed or score < 0 or len(episode.actions) >= self.max_steps
+        episode.done = completed or score < 0 or len(episode.actions) >= episode.limit
         info["truncated"] = episode.done and not completed and score >= 0
-        reward = max(score, 0) / 100 if episode.done else 0.0
+        reward = max(counted, 0) / 100 if episode.done else 0.0
         return observation, reward, episode.done, info
 
     def expert_actions(self, task_id: str) -> list[str]:
@@ -288,8 +363,19 @@ class ScienceWorldEnv(TextEnv):
     def task_spec(self) -> TaskSpec:
         if self._few_shot is None:
             self._few_shot = self._expert_example()
-        prompt = f"{SYSTEM_PROMPT}\nYou have at most {self.max_steps} actions."
-        return TaskSpec(name=self.name, system_prompt=prompt, few_shot=list(self._few_shot))
+        limit = (f"You have at most {self.flat_limit} actions." if self.flat_limit is not None
+                 else "Each task allows a limited number of actions.")
+        return TaskSpec(name=self.name, system_prompt=f"{SYSTEM_PROMPT}\n{limit}", few_shot=list(self._few_shot))
+
+    def protocol(self) -> dict:
+        """The benchmark protocol this environment applies (recorded in each run directory)."""
+        overlaps = sws.split_overlaps(self._splits)
+        limits = ({"rule": "eto", "per_task": dict(self.step_limits)} if self.flat_limit is None
+                  else {"rule": "flat", "max_steps": self.flat_limit})
+        return {**super().protocol(), "split_source": self.split_source, "step_limit": limits,
+                "reward_rule": self.reward_rule, "eto_train_overlap": self.eto_train_overlap,
+                "split_overlaps": {pair: len(ids) for pair, ids in overlaps.items()},
+                "simplification": self.simplification}
 
     def close(self) -> None:
         if self._simulator is not None:

@@ -145,6 +145,51 @@ def draw_splits(variations: Variations, tasks: list[str], sizes: dict[str, int |
     return splits
 
 
+# --- ETO's own split and step limits (copied files, see data/eto_scienceworld/README.md) ----------------
+
+ETO_DATA_DIR = Path(__file__).resolve().parent / "data" / "eto_scienceworld"
+ETO_FILES = {"train": "train_indices.json", "test_seen": "dev_indices.json", "test_unseen": "test_indices.json"}
+
+
+def eto_splits(variations: Variations) -> Splits:
+    """ETO's 1,483 train / 194 seen / 211 unseen ids, exactly as its files list them.
+
+    Not disjoint: 54 of ETO's train ids are also seen-split ids (:func:`split_overlaps`). We keep them, as ETO
+    trained and tested that way; ``ScienceWorldEnv(eto_train_overlap="drop")`` removes them from train."""
+    return {split: [normalise_entry(entry, variations) for entry in json.loads((ETO_DATA_DIR / name).read_text())]
+            for split, name in ETO_FILES.items()}
+
+
+def eto_step_limits() -> dict[str, int]:
+    """ETO's step limit per task (10 for the lifespan tasks ... 120 for measure-melting-point), by our task names."""
+    limits = json.loads((ETO_DATA_DIR / "max_steps.json").read_text())
+    return {canonical_task_name(name): int(limit) for name, limit in limits.items()}
+
+
+def split_overlaps(splits: Splits) -> dict[str, list[str]]:
+    """Ids listed in two splits, keyed "a&b" for each pair of splits that share any."""
+    overlaps = {}
+    for index, first in enumerate(SPLITS):
+        for second in SPLITS[index + 1:]:
+            shared = sorted(set(splits.get(first, [])) & set(splits.get(second, [])), key=id_sort_key)
+            if shared:
+                overlaps[f"{first}&{second}"] = shared
+    return overlaps
+
+
+def id_sort_key(task_id: str) -> tuple[int, int]:
+    return sort_key(parse_task_id(task_id))
+
+
+def subsample(ids: list[str], size: int | None, rng: random.Random) -> list[str]:
+    """``size`` of ``ids`` drawn as :func:`draw_split` draws (balanced over tasks, seeded); all when None."""
+    pools: dict[str, list[int]] = {}
+    for task_id in ids:
+        task_name, variation = parse_task_id(task_id)
+        pools.setdefault(task_name, []).append(variation)
+    return draw_split(pools, size, rng)
+
+
 # --- a user's own index file ----------------------------------------------------------------------------
 
 def read_index(path: str | Path, variations: Variations) -> Splits:
