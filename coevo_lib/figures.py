@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # files only; must precede any pyplot import (there is no
 import pandas as pd  # noqa: E402
 
 from coevo_lib import plots  # noqa: E402
-from coevo_lib.analysis import boundary, hard_negatives, loading, tables  # noqa: E402
+from coevo_lib.analysis import boundary_views, hard_negatives, loading, tables  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,15 @@ class Frames:
 
     @cached_property
     def boundary(self) -> pd.DataFrame:
-        return boundary.margins_long(loading.load_boundary(self.runs))
+        return boundary_views.margins_long(loading.load_boundary(self.runs))
+
+    @cached_property
+    def boundary_summary(self) -> pd.DataFrame:
+        return boundary_views.source_summary(self.boundary)
+
+    @cached_property
+    def regression(self) -> pd.DataFrame:
+        return boundary_views.margin_regression(self.boundary)
 
     def triplet_episodes(self) -> pd.DataFrame:
         wanted = [r for r, m in zip(self.runs, self.info["method"]) if m in ("eto", "coevo")]
@@ -116,20 +124,37 @@ PRODUCTS = [
     Product("triplets.md", "Matched triplets on one task: expert / ETO failure / coevo failure-agent hard "
             "negative (same seed and environment).",
             lambda f: hard_negatives.triplets_markdown(hard_negatives.select_triplets(f.triplet_episodes(), f.info))),
-    Product("preference_accuracy.png", "Held-out test pairs (expert > failure): share with a positive implicit "
-            "DPO margin (reference = SFT) and log-likelihood margin, hard vs ordinary negatives.",
-            lambda f: plots.preference_accuracy(boundary.preference_accuracy(f.boundary)), "boundary"),
+    Product("step_gaps.png", "Headline boundary view: at the first step a negative leaves the expert path, "
+            "log pi(expert turn) - log pi(negative turn) from the same prefix (length-free), mean and 95% CI per "
+            "iteration, one line per negative source (dashed: the scored checkpoint generated them).",
+            lambda f: plots.step_gaps(f.boundary_summary), "boundary"),
+    Product("margins_by_source.png", "Final checkpoints: every margin view per negative source (greedy eval, "
+            "sampled target / failure-agent rollouts, perturbed experts; self vs other model), per method.",
+            lambda f: plots.margins_by_source(f.boundary_summary), "boundary"),
+    Product("margins_by_source.md", "The numbers behind margins_by_source.png and step_gaps.png, every iteration.",
+            lambda f: md(f.boundary_summary), "boundary"),
+    Product("length_confound.png", "The SFT model's log-lik margin against the negative's length minus the "
+            "expert's: summed (length-driven) vs per token.",
+            lambda f: plots.length_confound(f.boundary), "boundary"),
+    Product("length_matched.png", "Final checkpoints, natural negatives: hard vs ordinary mean margin within "
+            "quantile bins of the negative's length.",
+            lambda f: plots.length_matched(boundary_views.length_matched(f.boundary)), "boundary"),
+    Product("length_matched.md", "Hard - ordinary mean margin per method and view: raw, and within length bins "
+            "(bin-weighted, 95% CI).",
+            lambda f: md(boundary_views.length_matched_difference(f.boundary)), "boundary"),
+    Product("margin_regression.png", "margin ~ reward + length + self-generated + source per method (final "
+            "checkpoint): reward and length coefficients with 95% CIs.",
+            lambda f: plots.regression_coefficients(boundary_views.regression_table(f.regression)), "boundary"),
+    Product("margin_regression.md", "Every coefficient of that regression, per method, iteration and view.",
+            lambda f: md(f.regression), "boundary"),
+    Product("preference_accuracy.png", "Greedy evaluation negatives (the original set): share of pairs each view "
+            "ranks correctly, hard vs ordinary negatives (implicit views undefined at iteration 0).",
+            lambda f: plots.preference_accuracy(boundary_views.preference_accuracy(f.boundary)), "boundary"),
     Product("preference_accuracy.md", "The numbers behind preference_accuracy.png.",
-            lambda f: md(boundary.preference_accuracy(f.boundary)), "boundary"),
-    Product("implicit_margins.png", "Distribution of the implicit DPO margin per method, iteration and negative "
-            "class.", lambda f: plots.margin_distributions(f.boundary, "implicit_margin"), "boundary"),
-    Product("loglik_margins.png", "Distribution of the log-likelihood margin log pi(expert) - log pi(negative).",
-            lambda f: plots.margin_distributions(f.boundary, "loglik_margin"), "boundary"),
-    Product("margin_vs_reward.png", "Margins of the final checkpoints against the negative's reward.",
-            lambda f: plots.margin_vs_reward(boundary.final_margins(f.boundary)), "boundary"),
-    Product("step_gaps.png", "At the first step a negative leaves the expert path: log-prob gap between the "
-            "expert's turn and the negative's turn given the shared prefix.",
-            lambda f: plots.step_gaps(f.boundary), "boundary"),
+            lambda f: md(boundary_views.preference_accuracy(f.boundary)), "boundary"),
+    Product("margin_vs_reward.png", "Final checkpoints, all sources: step gap, per-token and summed log-lik margin "
+            "against the negative's reward.",
+            lambda f: plots.margin_vs_reward(boundary_views.final_margins(f.boundary)), "boundary"),
 ]
 
 

@@ -183,68 +183,172 @@ def collapse_monitor(monitor: pd.DataFrame) -> Figure:
     return figure
 
 
-def margin_distributions(margins: pd.DataFrame, column: str = "implicit_margin") -> Figure:
-    """Margin per pair, one panel per method: boxes per iteration for hard vs ordinary negatives."""
-    if margins.empty:
-        return empty("no decision-boundary records (run coevo_lib.analysis.boundary first)")
-    methods = list(dict.fromkeys(margins["method"]))
-    figure, axes = grid(1, len(methods), 3.6, 3.2, sharey=True)
-    for ax, method in zip(axes[0], methods):
-        data = margins[margins["method"] == method]
-        boxes(ax, data.assign(label="it" + data["iteration"].astype(str) + " " + data["negative_class"]),
-              "label", column)
+# -- decision boundary (inputs: coevo_lib.analysis.boundary_views) ------------------------------
+
+SOURCE_COLORS = {"greedy_eval": "#1f77b4", "sampled_target": "#2ca02c", "sampled_failure_agent": "#d62728",
+                 "perturbed_option": "#9467bd", "perturbed_item": "#8c564b"}
+HEADLINE_VIEWS = {"step_gap": "step gap", "loglik_margin_per_token": "log-lik margin / token",
+                  "implicit_margin_per_token": "implicit margin / token", "loglik_margin": "log-lik margin, summed"}
+VIEW_TITLES = {**HEADLINE_VIEWS, "implicit_margin": "implicit margin, summed"}
+NO_BOUNDARY = "no decision-boundary records (run coevo_lib.analysis.boundary first)"
+
+
+def source_style(label: str) -> dict:
+    """Colour by source; dashed when the scored checkpoint generated the negatives itself."""
+    source = label.split(",")[0]
+    return {"color": SOURCE_COLORS.get(source, "#7f7f7f"), "ls": "--" if label.endswith(", self") else "-"}
+
+
+def panel_grid(count: int, cols: int = 3, width: float = 4.2, height: float = 3.2, **kwargs):
+    """Enough panels for ``count`` items in rows of at most ``cols``; spare panels hidden."""
+    cols = max(1, min(cols, count))
+    rows = -(-count // cols)
+    figure, axes = grid(rows, cols, width, height, **kwargs)
+    panels = list(axes.flat)
+    for ax in panels[count:]:
+        ax.set_visible(False)
+    return figure, panels
+
+
+def step_gaps(summary: pd.DataFrame) -> Figure:
+    """Headline view: mean step gap (95% CI) per iteration, one line per negative source, a panel per method."""
+    data = summary[summary["view"] == "step_gap"] if not summary.empty else summary
+    if data.empty:
+        return empty("no negatives that leave the expert path at a shared step")
+    methods = list(dict.fromkeys(data["method"]))
+    figure, axes = panel_grid(len(methods), sharey=True)
+    for ax, method in zip(axes, methods):
+        for label, rows in data[data["method"] == method].groupby("source_label"):
+            rows = rows.sort_values("iteration")
+            ax.errorbar(rows["iteration"], rows["mean"], yerr=rows["ci95"].fillna(0), marker="o", capsize=2,
+                        label=label, **source_style(label))
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_title(method)
-    axes[0, 0].set_ylabel(column.replace("_", " "))
+        ax.set(title=method, xlabel="iteration", ylabel="log pi(expert turn) - log pi(negative turn)")
+        iteration_ticks(ax, data["iteration"])
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=7)
+    return figure
+
+
+def margins_by_source(summary: pd.DataFrame) -> Figure:
+    """Final checkpoints: mean margin (95% CI) per negative source, one marker per method, a panel per view."""
+    if summary.empty:
+        return empty(NO_BOUNDARY)
+    last = summary.groupby("method")["iteration"].transform("max")
+    data = summary[(summary["iteration"] == last) & summary["view"].isin(HEADLINE_VIEWS)]
+    labels = sorted(data["source_label"].unique())
+    methods = list(dict.fromkeys(data["method"]))
+    figure, axes = panel_grid(len(HEADLINE_VIEWS), 2, 5.2, max(2.6, 0.45 * len(labels) + 1.2), sharey=True)
+    for ax, (view, title) in zip(axes, HEADLINE_VIEWS.items()):
+        for offset, method in enumerate(methods):
+            rows = data[(data["view"] == view) & (data["method"] == method)]
+            y = [labels.index(label) + 0.12 * (offset - (len(methods) - 1) / 2) for label in rows["source_label"]]
+            ax.errorbar(rows["mean"], y, xerr=rows["ci95"].fillna(0), fmt="o", ms=4, capsize=2,
+                        color=color(method), label=method)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_title(title)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+                  ncols=min(len(methods), 5), fontsize=8)
+    return figure
+
+
+def length_confound(margins: pd.DataFrame) -> Figure:
+    """The SFT model (iteration 0): summed vs per-token log-lik margin against the length difference."""
+    data = margins[margins["iteration"] == 0].dropna(subset=["length_difference", "loglik_margin_per_token"])
+    if data.empty:
+        return empty("no token counts in the decision-boundary records (recompute them)")
+    data = data.drop_duplicates(["negative_id", "source", "scored_model"])
+    figure, axes = grid(1, 2, 4.8, 3.6)
+    for ax, view in zip(axes[0], ("loglik_margin", "loglik_margin_per_token")):
+        for source, rows in data.groupby("source"):
+            ax.scatter(rows["length_difference"], rows[view], s=9, alpha=0.5, label=source,
+                       color=SOURCE_COLORS.get(source, "#7f7f7f"))
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axvline(0.0, color="black", lw=0.8, ls=":")
+        ax.set(title=VIEW_TITLES[view], xlabel="negative - expert length (assistant tokens)", ylabel="nats")
+    axes[0, 1].legend(fontsize=7)
+    return figure
+
+
+def length_matched(cells: pd.DataFrame) -> Figure:
+    """Final checkpoints: hard vs ordinary negatives' mean margin within length bins (rows: views)."""
+    if cells.empty or cells["length_bin"].eq("all lengths").all():
+        return empty("no token counts in the decision-boundary records (recompute them)")
+    views = [v for v in ("step_gap", "loglik_margin_per_token", "loglik_margin") if v in set(cells["view"])]
+    methods = list(dict.fromkeys(cells["method"]))
+    bins = sorted(cells["length_bin"].unique(), key=lambda b: int(b.split("-")[0]))
+    figure, axes = grid(len(views), len(methods), 3.0, 2.6, sharex=True, sharey="row")
+    for row, view in enumerate(views):
+        for col, method in enumerate(methods):
+            ax = axes[row, col]
+            for negative_class, rows in cells[(cells["view"] == view) & (cells["method"] == method)].groupby(
+                    "negative_class"):
+                x = [bins.index(b) for b in rows["length_bin"]]
+                ax.errorbar(x, rows["mean"], yerr=rows["ci95"].fillna(0), marker="o", capsize=2,
+                            color=CLASS_COLORS[negative_class], label=negative_class)
+            ax.axhline(0.0, color="black", lw=0.8)
+            ax.set_xticks(range(len(bins)), bins, rotation=40, fontsize=7)
+            ax.set_title(f"{method}: {VIEW_TITLES[view]}", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    return figure
+
+
+def regression_coefficients(table: pd.DataFrame) -> Figure:
+    """Reward and length coefficients (95% CI) of margin ~ reward + length + source per method and view."""
+    if table.empty:
+        return empty("too few decision-boundary records with token counts for the regression")
+    views = [v for v in HEADLINE_VIEWS if v in set(table["view"])]
+    terms = {"negative_reward": "reward coefficient", "length_difference": "length coefficient (per 100 tokens)"}
+    methods = list(dict.fromkeys(table["method"]))
+    figure, axes = grid(len(terms), len(views), 3.4, max(2.2, 0.35 * len(methods) + 1.0), sharey=True)
+    for row, (term, label) in enumerate(terms.items()):
+        for col, view in enumerate(views):
+            ax, rows = axes[row, col], table[(table["term"] == term) & (table["view"] == view)]
+            y = [methods.index(m) for m in rows["method"]]
+            ax.errorbar(rows["coef"], y, xerr=[rows["coef"] - rows["ci_low"], rows["ci_high"] - rows["coef"]],
+                        fmt="o", capsize=2, color="black")
+            ax.axvline(0.0, color="#d62728", lw=0.8)
+            ax.set_yticks(range(len(methods)), methods, fontsize=8)
+            ax.set(title=VIEW_TITLES[view], xlabel=label)
     return figure
 
 
 def preference_accuracy(accuracy: pd.DataFrame) -> Figure:
-    """Share of held-out pairs ranked correctly per iteration; solid = hard negatives, dashed = ordinary."""
+    """Greedy evaluation negatives: share ranked correctly per view; solid = hard negatives, dashed = ordinary."""
     if accuracy.empty:
         return empty("no decision-boundary records")
-    figure, axes = grid(1, 2, sharey=True)
-    for ax, column in zip(axes[0], ("implicit_accuracy", "loglik_accuracy")):
-        for (method, negative_class), data in accuracy.groupby(["method", "negative_class"]):
+    figure, axes = panel_grid(len(HEADLINE_VIEWS), 4, 3.6, 3.0, sharey=True)
+    for ax, (view, title) in zip(axes, HEADLINE_VIEWS.items()):
+        for (method, negative_class), data in accuracy.groupby(["method", "negative_class"], sort=False):
             data = data.sort_values("iteration")
-            ax.plot(data["iteration"], data[column], marker="o", color=color(method),
+            ax.plot(data["iteration"], data[f"{view}_accuracy"], marker="o", color=color(method),
                     ls="-" if negative_class == "hard negative" else "--", label=f"{method}, {negative_class}")
-        ax.set(title=column.replace("_", " "), xlabel="iteration", ylim=(-0.02, 1.02))
+        ax.set(title=title, xlabel="iteration", ylim=(-0.02, 1.02))
         iteration_ticks(ax, accuracy["iteration"])
-    axes[0, 0].set_ylabel("preference accuracy")
-    axes[0, -1].legend(fontsize=7)
+    axes[0].set_ylabel("preference accuracy")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=7)
     return figure
 
 
 def margin_vs_reward(margins: pd.DataFrame) -> Figure:
-    """Margin against the negative's reward (final checkpoints): do hard negatives sit nearer the boundary?"""
+    """Margin against the negative's reward (final checkpoints), a panel per view."""
     if margins.empty:
         return empty("no decision-boundary records")
-    figure, axes = grid(1, 2)
-    for ax, column in zip(axes[0], ("implicit_margin", "loglik_margin")):
-        for method, data in margins.groupby("method", sort=False):
+    views = [v for v in ("step_gap", "loglik_margin_per_token", "loglik_margin") if margins[v].notna().any()]
+    if not views:
+        return empty("no margins in the decision-boundary records")
+    figure, axes = grid(1, len(views), 4.2, 3.4)
+    for ax, view in zip(axes[0], views):
+        for method, data in margins.dropna(subset=[view]).groupby("method", sort=False):
             # Faint points show the spread; the line joins the mean margin per reward bin of 0.05, since
             # many methods overlap on the few reward levels a task's reward can take.
-            ax.scatter(data["negative_reward"], data[column], s=8, alpha=0.2, color=color(method))
-            means = data.groupby((data["negative_reward"] / 0.05).round() * 0.05)[column].mean()
+            ax.scatter(data["negative_reward"], data[view], s=8, alpha=0.2, color=color(method))
+            means = data.groupby((data["negative_reward"] / 0.05).round() * 0.05)[view].mean()
             ax.plot(means.index, means.to_numpy(), marker="o", color=color(method), label=method)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.axvline(0.6, color="black", lw=0.8, ls=":")
-        ax.set(xlabel="negative's reward", ylabel=column.replace("_", " "))
+        ax.set(title=VIEW_TITLES[view], xlabel="negative's reward", ylabel="nats")
     axes[0, -1].legend(fontsize=8)
-    return figure
-
-
-def step_gaps(margins: pd.DataFrame) -> Figure:
-    """Log-prob gap expert turn - negative turn at the first divergent step, per method and iteration."""
-    data = margins.dropna(subset=["step_gap"])
-    if data.empty:
-        return empty("no negatives that leave the expert path at a shared step")
-    labeled = data.assign(label=data["method"] + " it" + data["iteration"].astype(str) + " " + data["negative_class"])
-    figure, axes = grid(1, 1, max(6.0, 0.5 * labeled["label"].nunique()), 3.5)
-    boxes(axes[0, 0], labeled, "label", "step_gap")
-    axes[0, 0].axhline(0.0, color="black", lw=0.8)
-    axes[0, 0].set_ylabel("log-prob gap, expert - negative turn")
     return figure
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from coevo_lib.analysis import boundary, hard_negatives as hn, loading, tables
+from coevo_lib.analysis import boundary, boundary_views, hard_negatives as hn, loading, negatives, tables
 from coevo_lib.config import dump_config, load_config
 from coevo_lib.figures import PRODUCTS, build_figures
 from coevo_lib.pairs import make_pair
@@ -241,27 +241,26 @@ def test_boundary_item_finds_the_step_where_the_negative_leaves_the_expert():
 
 def test_margins_from_logps_on_a_constructed_case(tiny_model, tiny_tokenizer):
     """A negative = the expert's turns plus one more turn: its log-likelihood can only be lower."""
-    from coevo_lib.train.dpo import sequence_logps
-
     expert = episode("expert/t", "t", ["search[red mug]", "click[buy now]"], 1.0, "expert", 0, "test_seen")
     negative = episode("n", "t", ["search[red mug]", "click[buy now]", "click[buy now]"], 0.65, "target", 1,
                        "test_seen")
     item = boundary.boundary_item(expert, negative, "run")
     assert item.divergence_step == 2 and item.step_prefix is None  # the expert has no turn there
-    prompt = item.pair.prompt_messages
-    scores = {"expert_logp": sequence_logps(tiny_model, tiny_tokenizer, prompt, item.pair.chosen_messages),
-              "negative_logp": sequence_logps(tiny_model, tiny_tokenizer, prompt, item.pair.rejected_messages),
-              "step_expert_logp": None, "step_negative_logp": None}
+    [scores] = boundary.score_items(boundary.model_scorer(tiny_model, tiny_tokenizer), [item])
+    assert scores["negative_tokens"] > scores["expert_tokens"] > 0 and scores["step_expert_logp"] is None
     row = boundary.margin_row(item, 1, scores, scores, beta=0.1)  # pi = pi_ref
     assert row["loglik_margin"] > 0 and row["implicit_margin"] == 0.0 and row["hard_negative"]
-    assert row["step_gap"] is None
+    assert row["implicit_margin_per_token"] == 0.0 and row["step_gap"] is None
 
 
 def test_margin_row_step_gap():
     expert = episode("expert/t", "t", ["a", "b"], 1.0, "expert", 0, "test_seen")
     item = boundary.boundary_item(expert, episode("n", "t", ["a", "x"], 0.2, "target", 0, "test_seen"), "run")
-    scores = {"expert_logp": -5.0, "negative_logp": -9.0, "step_expert_logp": -1.0, "step_negative_logp": -4.0}
-    ref = {"expert_logp": -6.0, "negative_logp": -7.0, "step_expert_logp": -2.0, "step_negative_logp": -2.0}
+    tokens = {"expert_tokens": 10, "negative_tokens": 10, "step_expert_tokens": 5, "step_negative_tokens": 5}
+    scores = {"expert_logp": -5.0, "negative_logp": -9.0, "step_expert_logp": -1.0, "step_negative_logp": -4.0,
+              **tokens}
+    ref = {"expert_logp": -6.0, "negative_logp": -7.0, "step_expert_logp": -2.0, "step_negative_logp": -2.0,
+           **tokens}
     row = boundary.margin_row(item, 2, scores, ref, beta=0.5)
     assert row["loglik_margin"] == 4.0 and row["implicit_margin"] == pytest.approx(0.5 * (1.0 - (-2.0)))
     assert row["step_gap"] == 3.0 and row["step_implicit_gap"] == pytest.approx(0.5 * (1.0 - (-2.0)))
@@ -270,8 +269,8 @@ def test_margin_row_step_gap():
 
 def test_negative_cap_balances_hard_and_ordinary_failures():
     def kept(rewards, cap):
-        negatives = [(episode(f"n{i}", "t", ["a"], r), "run") for i, r in enumerate(rewards)]
-        return [ep.reward for ep, _ in boundary.capped(negatives, cap)]
+        pool = [(episode(f"n{i}", "t", ["a"], r), "run") for i, r in enumerate(rewards)]
+        return [ep.reward for ep, _ in negatives.capped(pool, cap)]
 
     rewards = [0.1, 0.7, 0.3, 0.9, 0.65, 0.0, 0.8]
     assert kept(rewards, 4) == [0.1, 0.3, 0.9, 0.8]  # the 2 best hard + the first 2 ordinary, pool order kept
@@ -287,10 +286,10 @@ def test_preference_accuracy_by_class():
         {"method": "coevo", "iteration": 1, "hard_negative": True, "implicit_margin": 0.3, "loglik_margin": -1.0},
         {"method": "coevo", "iteration": 1, "hard_negative": True, "implicit_margin": -0.1, "loglik_margin": 2.0},
         {"method": "coevo", "iteration": 1, "hard_negative": False, "implicit_margin": 0.2, "loglik_margin": 3.0}])
-    accuracy = boundary.preference_accuracy(margins).set_index(["iteration", "negative_class"])
-    assert math.isnan(accuracy.loc[(0, "hard negative"), "implicit_accuracy"])
-    assert accuracy.loc[(1, "hard negative"), "implicit_accuracy"] == 0.5
-    assert accuracy.loc[(1, "hard negative"), "loglik_accuracy"] == 0.5
+    accuracy = boundary_views.preference_accuracy(margins).set_index(["iteration", "negative_class"])
+    assert math.isnan(accuracy.loc[(0, "hard negative"), "implicit_margin_accuracy"])
+    assert accuracy.loc[(1, "hard negative"), "implicit_margin_accuracy"] == 0.5
+    assert accuracy.loc[(1, "hard negative"), "loglik_margin_accuracy"] == 0.5
     assert accuracy.loc[(1, "ordinary failure"), "pairs"] == 1
 
 

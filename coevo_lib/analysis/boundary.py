@@ -1,8 +1,8 @@
-"""Decision-boundary margins on held-out test-task pairs (PAPER.md, reviewers' point 5).
+"""Decision-boundary margins on held-out pairs, with the length and self-generation confounds exposed.
 
 The paper claims that hard negatives give the target a "sharper decision boundary" but never measured
-it. Here, for every test task with a failure, the expert trajectory is paired with that failure and
-each target checkpoint pi_k (k = 0 is the SFT model) scores both:
+it (PAPER.md, reviewers' point 5). Here an expert trajectory is paired with negatives on the same
+task and each target checkpoint pi_k (k = 0 is the SFT model) scores both:
 
     implicit DPO margin  beta * [(log pi_k - log pi_ref)(expert) - (log pi_k - log pi_ref)(negative)]
     log-likelihood margin           log pi_k(expert) - log pi_k(negative)
@@ -13,16 +13,21 @@ against. Training resets the reference every iteration, so margins against it wo
 from a moving origin; the shared SFT model makes margins comparable across iterations and methods
 (at k = 0 the implicit margin is 0 by construction). beta is the run's target DPO beta.
 
-Step view: at the first step where the negative's actions leave the expert's, both assistant turns
-are scored given the expert's prefix (same actions and observations up to there).
+Two confounds, and the views that hold them fixed:
 
-Negatives are the failures in the evaluation episodes (greedy target rollouts on test tasks) of this
-run and of every run passed as ``pool`` that shares its environment and prompt config, deduplicated
-by (task, action sequence); evaluation files of any agent count, so a failure agent evaluated on test
-tasks would add failure-agent-like hard negatives. A shared pool scores coevo and ETO checkpoints on the
-same negatives; at most ``max_negatives`` per run are scored, half hard negatives and half ordinary
-failures (``capped``). Loading models makes this a cached step: ``<run>/analysis/boundary.jsonl`` is
-written atomically and skipped when present; figures only read it.
+- Length: a summed log-prob favours the shorter trajectory whatever its quality. Every margin is
+  also given per token (each side's log-prob divided by its assistant-token count: ``*_per_token``),
+  and the step gap below compares one turn with one turn.
+- Self-generation: the scored model's own greedy outputs sit at high likelihood under it by
+  construction. Negatives come from several sources (coevo_lib.analysis.negatives), including
+  perturbed experts no model generated, and each row says whether the scored checkpoint generated
+  its negative (``self_generated``).
+
+Step view (the headline view): at the first step where the negative's actions leave the expert's,
+both assistant turns are scored given the expert's prefix (same actions and observations up to
+there): ``step_gap`` = log pi(expert turn) - log pi(negative turn). Loading models makes this a cached
+step: ``<run>/analysis/boundary.jsonl`` is written atomically and skipped when present; figures only
+read it. Summaries of the rows are in coevo_lib.analysis.boundary_views.
 """
 
 from __future__ import annotations
@@ -30,23 +35,26 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
-
-import pandas as pd
+from typing import Any, Callable, Iterable
 
 from coevo_lib.analysis.hard_negatives import first_divergence, own_turns
-from coevo_lib.analysis.loading import BOUNDARY_FILE, EVAL_FILE, find_runs, read_raw_config, run_info
+from coevo_lib.analysis.loading import BOUNDARY_FILE, find_runs, run_info
+from coevo_lib.analysis.negatives import (Negative, capped_per_source, compatible_runs, model_identity,
+                                          natural_negatives, perturbed_negatives)
 from coevo_lib.pairs import make_pair
-from coevo_lib.records import HARD_NEGATIVE_MIN, Episode, Pair, read_episodes, write_json_atomic, write_jsonl_atomic
+from coevo_lib.records import HARD_NEGATIVE_MIN, Episode, Pair, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
-MAX_NEGATIVES = 200  # per run; see ``capped``
+MAX_NEGATIVES = 100  # per run and source; see negatives.capped
+
+# (prompt messages, completion messages) -> (summed assistant-token log-prob, assistant-token count)
+Scorer = Callable[[list[dict[str, str]], list[dict[str, str]]], tuple[float, int]]
 
 
 @dataclass
 class BoundaryItem:
-    """One held-out pair: expert > negative on a test task, plus the step-level turns where they split."""
+    """One pair: expert > negative on a task, plus the step-level turns where they split."""
 
     pair: Pair
     negative: Episode
@@ -55,6 +63,8 @@ class BoundaryItem:
     step_prefix: list[dict[str, str]] | None = None
     step_expert_turn: dict[str, str] | None = None
     step_negative_turn: dict[str, str] | None = None
+    source: str = "greedy_eval"  # see coevo_lib.analysis.negatives.SOURCES
+    generator: str = ""  # the checkpoint that generated the negative (negatives.model_identity)
 
 
 def implicit_margin(policy_chosen_logps: float, ref_chosen_logps: float, policy_rejected_logps: float,
@@ -63,76 +73,25 @@ def implicit_margin(policy_chosen_logps: float, ref_chosen_logps: float, policy_
     return beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
 
 
-# -- negatives and experts --------------------------------------------------------------------
+# -- experts and items ------------------------------------------------------------------------
 
 
-def pool_key(raw_config: dict[str, Any]) -> tuple[str, str]:
-    """Runs can share negatives when environment and prompt format match (same tasks, same prompt)."""
-    return repr(raw_config["env"]), repr(raw_config["prompt"])
-
-
-def eval_failures(run_dir: Path) -> list[Episode]:
-    """Failed evaluation episodes of a run, in file order."""
-    episodes = []
-    for path in sorted((run_dir / "episodes").glob("it*-eval-*.jsonl")):
-        if EVAL_FILE.match(path.stem):
-            episodes += [ep for ep in read_episodes(path) if not ep.success]
-    return episodes
-
-
-def pooled_negatives(run_dir: Path, pool: Iterable[Path]) -> list[tuple[Episode, str]]:
-    """(negative, run name) from ``run_dir`` and the compatible pool runs, one per (task, actions).
-
-    Sources are taken in sorted order, so every run of a pool is scored on the same negatives.
-    """
-    key = pool_key(read_raw_config(run_dir))
-    compatible = {Path(p).resolve() for p in pool if pool_key(read_raw_config(Path(p))) == key}
-    seen, negatives = set(), []
-    for source in sorted(compatible | {run_dir.resolve()}):
-        for episode in eval_failures(source):
-            if (episode.task_id, tuple(episode.actions)) not in seen:
-                seen.add((episode.task_id, tuple(episode.actions)))
-                negatives.append((episode, source.name))
-    return negatives
-
-
-def capped(negatives: list[tuple[Episode, str]], max_negatives: int | None) -> list[tuple[Episode, str]]:
-    """At most ``max_negatives``, balanced between the two classes the analysis compares: up to half
-    hard negatives (highest reward first), the rest ordinary failures (pool order); a class with too
-    few leaves its share to the other. The result keeps pool order.
-
-    Scoring costs a few forward passes per negative and checkpoint; the cap bounds that cost while
-    keeping both hard negatives and the ordinary failures they are compared with.
-    """
-    if max_negatives is None or len(negatives) <= max_negatives:
-        return negatives
-    hard = sorted((i for i, (ep, _) in enumerate(negatives) if HARD_NEGATIVE_MIN <= ep.reward < 1.0),
-                  key=lambda i: (-negatives[i][0].reward, i))
-    ordinary = [i for i, (ep, _) in enumerate(negatives) if not HARD_NEGATIVE_MIN <= ep.reward < 1.0]
-    n_ordinary = min(len(ordinary), max_negatives - min(len(hard), (max_negatives + 1) // 2))
-    chosen = ordinary[:n_ordinary] + hard[: max_negatives - n_ordinary]
-    return [negatives[i] for i in sorted(chosen)]
-
-
-def heldout_experts(config, tasks: set[tuple[str, str]]) -> dict[tuple[str, str], Episode]:
-    """Expert episodes of (split, task) test tasks, replayed in the run's environment."""
-    from coevo_lib.envs import make_env
+def heldout_experts(env, prompt, tasks: set[tuple[str, str]]) -> dict[tuple[str, str], Episode]:
+    """Expert episodes of (split, task) tasks, replayed in the run's environment."""
     from coevo_lib.rollout import expert_episode
 
-    env = make_env(config.env.name, **config.env.kwargs)
-    try:
-        experts = {(s, t): expert_episode(env, t, s, config.prompt) for s, t in sorted(tasks)}
-    finally:
-        env.close()
+    experts = {(s, t): expert_episode(env, t, s, prompt) for s, t in sorted(tasks)}
     unsolved = [key for key, ep in experts.items() if not ep.success]
     if unsolved:
-        raise RuntimeError(f"the expert fails {len(unsolved)} test tasks, e.g. {unsolved[:3]}")
+        raise RuntimeError(f"the expert fails {len(unsolved)} tasks, e.g. {unsolved[:3]}")
     return experts
 
 
-def boundary_item(expert: Episode, negative: Episode, negative_run: str) -> BoundaryItem:
+def boundary_item(expert: Episode, negative: Episode, negative_run: str, source: str = "greedy_eval",
+                  generator: str = "") -> BoundaryItem:
     item = BoundaryItem(pair=make_pair("heldout_expert_vs_failure", expert, negative), negative=negative,
-                        negative_run=negative_run, divergence_step=first_divergence(expert.actions, negative.actions))
+                        negative_run=negative_run, divergence_step=first_divergence(expert.actions, negative.actions),
+                        source=source, generator=generator)
     step = item.divergence_step
     if step is not None and step < expert.steps and step < negative.steps:
         expert_turn = own_turns(expert.messages, expert.steps)[step]
@@ -142,9 +101,16 @@ def boundary_item(expert: Episode, negative: Episode, negative_run: str) -> Boun
     return item
 
 
-def boundary_items(config, negatives: list[tuple[Episode, str]]) -> list[BoundaryItem]:
-    experts = heldout_experts(config, {(ep.split, ep.task_id) for ep, _ in negatives})
-    return [boundary_item(experts[(ep.split, ep.task_id)], ep, run) for ep, run in negatives]
+def boundary_items(experts: dict[tuple[str, str], Episode], negatives: list[Negative]) -> list[BoundaryItem]:
+    return [boundary_item(experts[(n.episode.split, n.episode.task_id)], n.episode, n.run, n.source, n.generator)
+            for n in negatives]
+
+
+def run_negatives(run_dir: Path, pool: Iterable[Path], config, env, max_negatives: int | None) -> list[Negative]:
+    """Every source's negatives for ``run_dir`` (capped per source); perturbed experts on its evaluated tasks."""
+    tasks = [(split, t) for split in config.eval.splits for t in env.task_ids(split)[: config.eval.max_tasks]]
+    negatives = natural_negatives(compatible_runs(run_dir, pool)) + perturbed_negatives(env, config.prompt, tasks)
+    return capped_per_source(negatives, max_negatives)
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -160,55 +126,103 @@ def target_checkpoints(run_dir: Path, iterations: int) -> dict[int, Path]:
     return paths
 
 
-def score_items(checkpoint: Path, model_config, items: list[BoundaryItem]) -> list[dict[str, float | None]]:
-    """Summed assistant-token log-probs of every expert/negative (and step turn) under one checkpoint."""
+def model_scorer(model, tokenizer) -> Scorer:
+    """Summed assistant-token log-prob (the trainer's masking) and the number of tokens it sums."""
+    from coevo_lib.train.dpo import pair_features, sequence_logps
+
+    def score(prompt, completion) -> tuple[float, int]:
+        tokens = sum(pair_features(tokenizer, prompt, completion, completion)["chosen_mask"])
+        return sequence_logps(model, tokenizer, prompt, completion), tokens
+
+    return score
+
+
+def checkpoint_scorer(checkpoint: Path, model_config) -> Scorer:
     from coevo_lib.models import load_model, load_tokenizer
-    from coevo_lib.train.dpo import sequence_logps
 
-    model, tokenizer = load_model(checkpoint, model_config).eval(), load_tokenizer(checkpoint)
-    expert_cache: dict[str, float] = {}
+    return model_scorer(load_model(checkpoint, model_config).eval(), load_tokenizer(checkpoint))
+
+
+def score_items(scorer: Scorer, items: list[BoundaryItem]) -> list[dict[str, float | None]]:
+    """Log-probs and token counts of every expert, negative and step turn (experts scored once each)."""
+    expert_cache: dict[str, tuple[float, int]] = {}
     scores = []
-    def logp(prompt, completion) -> float:
-        return sequence_logps(model, tokenizer, prompt, completion)
-
     for item in items:
         key = item.pair.chosen_episode_id
         if key not in expert_cache:
-            expert_cache[key] = logp(item.pair.prompt_messages, item.pair.chosen_messages)
+            expert_cache[key] = scorer(item.pair.prompt_messages, item.pair.chosen_messages)
+        row = logp_columns("expert", expert_cache[key])
+        row.update(logp_columns("negative", scorer(item.pair.prompt_messages, item.pair.rejected_messages)))
         has_step = item.step_prefix is not None
-        scores.append({
-            "expert_logp": expert_cache[key],
-            "negative_logp": logp(item.pair.prompt_messages, item.pair.rejected_messages),
-            "step_expert_logp": logp(item.step_prefix, [item.step_expert_turn]) if has_step else None,
-            "step_negative_logp": logp(item.step_prefix, [item.step_negative_turn]) if has_step else None,
-        })
+        row.update(logp_columns("step_expert", scorer(item.step_prefix, [item.step_expert_turn]) if has_step else None))
+        row.update(logp_columns("step_negative", scorer(item.step_prefix, [item.step_negative_turn]) if has_step
+                                else None))
+        scores.append(row)
     return scores
 
 
-def margin_row(item: BoundaryItem, iteration: int, scores: dict, ref: dict, beta: float) -> dict[str, Any]:
+def logp_columns(side: str, score: tuple[float, int] | None) -> dict[str, float | int | None]:
+    logp, tokens = score if score is not None else (None, None)
+    return {f"{side}_logp": logp, f"{side}_tokens": tokens}
+
+
+def per_token(logp: float, tokens: int) -> float:
+    if tokens <= 0:
+        raise ValueError(f"a scored completion has {tokens} assistant tokens; per-token log-probs need >= 1")
+    return logp / tokens
+
+
+def margin_columns(scores: dict, ref: dict, beta: float, prefix: str, chosen: str, rejected: str) -> dict:
+    """Summed and per-token log-likelihood and implicit margins of ``chosen`` over ``rejected``.
+
+    Per token, each side's log-prob is divided by its own assistant-token count (the reference scores
+    the same tokens), so a length difference alone cannot move it.
+    """
+    names = ("gap", "gap_per_token", "implicit_gap", "implicit_gap_per_token")
+    if scores[f"{chosen}_logp"] is None:
+        return {f"{prefix}{name}": None for name in names}
+    tokens = {side: scores[f"{side}_tokens"] for side in (chosen, rejected)}
+    logp = {side: scores[f"{side}_logp"] for side in tokens}
+    ref_logp = {side: ref[f"{side}_logp"] for side in tokens}
+    mean = {side: per_token(logp[side], tokens[side]) for side in tokens}
+    ref_mean = {side: per_token(ref_logp[side], tokens[side]) for side in tokens}
+    values = (logp[chosen] - logp[rejected], mean[chosen] - mean[rejected],
+              implicit_margin(logp[chosen], ref_logp[chosen], logp[rejected], ref_logp[rejected], beta),
+              implicit_margin(mean[chosen], ref_mean[chosen], mean[rejected], ref_mean[rejected], beta))
+    return {f"{prefix}{name}": value for name, value in zip(names, values)}
+
+
+def assistant_turns(messages: list[dict[str, str]]) -> int:
+    return sum(m["role"] == "assistant" for m in messages)
+
+
+def margin_row(item: BoundaryItem, iteration: int, scores: dict, ref: dict, beta: float,
+               scored_model: str = "") -> dict[str, Any]:
+    """One row per checkpoint and pair: identities, lengths, and the summed, per-token and step margins."""
     negative = item.negative
-    row = {
+    whole = margin_columns(scores, ref, beta, "", "expert", "negative")
+    step = margin_columns(scores, ref, beta, "step_", "step_expert", "step_negative")
+    return {
         "iteration": iteration, "task_id": negative.task_id, "split": negative.split,
-        "negative_id": negative.episode_id, "negative_run": item.negative_run,
-        "negative_iteration": negative.iteration, "negative_reward": negative.reward,
-        "hard_negative": HARD_NEGATIVE_MIN <= negative.reward < 1.0, "divergence_step": item.divergence_step,
+        "negative_id": negative.episode_id, "negative_run": item.negative_run, "source": item.source,
+        "negative_agent": negative.agent, "negative_iteration": negative.iteration,
+        "negative_temperature": negative.temperature, "generator": item.generator, "scored_model": scored_model,
+        "self_generated": bool(item.generator) and item.generator == scored_model,
+        "negative_reward": negative.reward, "hard_negative": HARD_NEGATIVE_MIN <= negative.reward < 1.0,
+        "divergence_step": item.divergence_step, "expert_steps": assistant_turns(item.pair.chosen_messages),
+        "negative_steps": assistant_turns(item.pair.rejected_messages),
         "beta": beta, "reference": "sft", **scores,
         "ref_expert_logp": ref["expert_logp"], "ref_negative_logp": ref["negative_logp"],
-        "implicit_margin": implicit_margin(scores["expert_logp"], ref["expert_logp"], scores["negative_logp"],
-                                           ref["negative_logp"], beta),
-        "loglik_margin": scores["expert_logp"] - scores["negative_logp"],
-        "step_gap": None, "step_implicit_gap": None,
+        "loglik_margin": whole["gap"], "loglik_margin_per_token": whole["gap_per_token"],
+        "implicit_margin": whole["implicit_gap"], "implicit_margin_per_token": whole["implicit_gap_per_token"],
+        **step,
     }
-    if scores["step_expert_logp"] is not None:
-        row["step_gap"] = scores["step_expert_logp"] - scores["step_negative_logp"]
-        row["step_implicit_gap"] = implicit_margin(scores["step_expert_logp"], ref["step_expert_logp"],
-                                                   scores["step_negative_logp"], ref["step_negative_logp"], beta)
-    return row
 
 
 def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force: bool = False,
                      max_negatives: int | None = MAX_NEGATIVES) -> Path:
-    """Write ``<run>/analysis/boundary.jsonl`` (one row per checkpoint and held-out pair); cached."""
+    """Write ``<run>/analysis/boundary.jsonl`` (one row per checkpoint and pair); cached."""
+    from coevo_lib.envs import make_env
     from coevo_lib.runs import RunDir
     from coevo_lib.seeding import quiet_libraries
 
@@ -218,15 +232,21 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
         return out
     quiet_libraries()
     config = RunDir(run_dir).load_config()
-    negatives = capped(pooled_negatives(run_dir, [Path(p) for p in pool]), max_negatives)
-    items = boundary_items(config, negatives)
+    env = make_env(config.env.name, **config.env.kwargs)
+    try:
+        negatives = run_negatives(run_dir, [Path(p) for p in pool], config, env, max_negatives)
+        experts = heldout_experts(env, config.prompt, {(n.episode.split, n.episode.task_id) for n in negatives})
+    finally:
+        env.close()
+    items = boundary_items(experts, negatives)
     checkpoints = target_checkpoints(run_dir, run_info(run_dir)["iterations"])
-    scores = {k: score_items(path, config.model, items) for k, path in checkpoints.items()}
-    rows = [margin_row(item, k, scores[k][i], scores[0][i], config.dpo.beta)
+    scores = {k: score_items(checkpoint_scorer(path, config.model), items) for k, path in checkpoints.items()}
+    rows = [margin_row(item, k, scores[k][i], scores[0][i], config.dpo.beta, model_identity(run_dir, "target", k))
             for k in sorted(scores) for i, item in enumerate(items)]
     write_json_atomic(out.with_suffix(".json"), {
         "reference": "sft checkpoint", "beta": config.dpo.beta, "negatives": len(items),
-        "max_negatives": max_negatives, "negative_runs": sorted({item.negative_run for item in items}),
+        "max_negatives_per_source": max_negatives, "negative_runs": sorted({i.negative_run for i in items} - {""}),
+        "sources": {s: sum(i.source == s for i in items) for s in sorted({i.source for i in items})},
         "checkpoints": {k: str(p) for k, p in checkpoints.items()}})
     write_jsonl_atomic(out, rows)
     log.info("boundary margins of %s: %d pairs x %d checkpoints", run_dir.name, len(items), len(checkpoints))
@@ -240,35 +260,3 @@ def compute_boundaries(runs_root: str | Path, force: bool = False,
     if not runs:
         raise FileNotFoundError(f"no finished runs under {runs_root}; run a study (`make demo`) first")
     return [compute_boundary(run, pool=runs, force=force, max_negatives=max_negatives) for run in runs]
-
-
-# -- summaries (inputs of coevo_lib.plots) ---------------------------------------------------
-
-
-def negative_class(boundary: pd.DataFrame) -> pd.Series:
-    return boundary["hard_negative"].map({True: "hard negative", False: "ordinary failure"})
-
-
-def preference_accuracy(boundary: pd.DataFrame) -> pd.DataFrame:
-    """Per method, iteration and negative class: share of pairs whose margin favours the expert.
-
-    Implicit-margin accuracy at k = 0 is undefined (pi = pi_ref gives margin 0) and shown as NaN.
-    """
-    data = boundary.assign(negative_class=negative_class(boundary))
-    data["implicit_correct"] = (data["implicit_margin"] > 0).astype(float).where(data["iteration"] > 0)
-    data["loglik_correct"] = (data["loglik_margin"] > 0).astype(float)
-    grouped = data.groupby(["method", "iteration", "negative_class"], sort=True)
-    return grouped.agg(pairs=("loglik_margin", "size"), implicit_accuracy=("implicit_correct", "mean"),
-                       loglik_accuracy=("loglik_correct", "mean"), mean_implicit_margin=("implicit_margin", "mean"),
-                       mean_loglik_margin=("loglik_margin", "mean")).reset_index()
-
-
-def margins_long(boundary: pd.DataFrame) -> pd.DataFrame:
-    """The per-pair frame with the negative class, ready for distribution plots."""
-    return boundary.assign(negative_class=negative_class(boundary))
-
-
-def final_margins(boundary: pd.DataFrame) -> pd.DataFrame:
-    """Rows of each run's last checkpoint, with the negative class."""
-    last = boundary.groupby("run")["iteration"].transform("max")
-    return margins_long(boundary[boundary["iteration"] == last])
