@@ -168,6 +168,53 @@ class EvalConfig:
     max_tasks: int | None = None
 
 
+LAUNCHERS = ("inprocess", "accelerate", "torchrun")
+ACCELERATE_CONFIGS = ("ddp", "fsdp2", "zero3")  # configs/accelerate/<name>.yaml
+
+
+@dataclass
+class TrainLaunchConfig:
+    """How SFT and DPO stages run: inside the coevo process, or as a subprocess of N ranks.
+
+    Stage batch sizes stay global: each of ``num_processes`` ranks takes batch_size / num_processes
+    examples per micro-step, so the effective batch (batch_size x grad_accum) does not depend on N.
+    """
+
+    launcher: str = field(
+        default="inprocess",
+        metadata={"help": "inprocess (one process, the default) | accelerate | torchrun: the stage runs as a "
+                          "subprocess (its own process group, log in <run>/launch/<stage>/launch.log)"},
+    )
+    num_processes: int = field(default=1, metadata={"help": "ranks per stage (GPUs of the node; CPU: gloo)"})
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate launcher only: ddp | fsdp2 | zero3 (configs/accelerate/) or a config file "
+                          "path; none = plain DDP"},
+    )
+    main_process_port: int | None = field(default=None, metadata={"help": "rendezvous port (none: a free one)"})
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"train.launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if self.num_processes < 1:
+            raise ConfigError(f"train.num_processes must be >= 1, got {self.num_processes}")
+        if self.launcher == "inprocess" and self.num_processes != 1:
+            raise ConfigError("train.num_processes > 1 needs train.launcher = accelerate or torchrun "
+                              "(several ranks never run inside the coevo process or a notebook kernel)")
+        if self.accelerate_config is not None and self.launcher != "accelerate":
+            raise ConfigError(f"train.accelerate_config needs train.launcher = accelerate, got {self.launcher!r}")
+        if self.accelerate_config not in (None, *ACCELERATE_CONFIGS) and not Path(self.accelerate_config).is_file():
+            raise ConfigError(f"train.accelerate_config must be one of {', '.join(ACCELERATE_CONFIGS)} or an "
+                              f"existing file, got {self.accelerate_config!r}")
+        if self.main_process_port is not None and not 0 < self.main_process_port < 65536:
+            raise ConfigError(f"train.main_process_port must be a TCP port, got {self.main_process_port}")
+
+    def check_global_batch(self, section: str, stage: TrainerStageConfig) -> None:
+        if stage.batch_size % self.num_processes:
+            raise ConfigError(f"{section}.batch_size={stage.batch_size} is the global batch and must divide by "
+                              f"train.num_processes={self.num_processes}")
+
+
 @dataclass
 class RunConfig:
     """The whole recipe of one run (one method, one seed)."""
@@ -186,6 +233,7 @@ class RunConfig:
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainLaunchConfig = field(default_factory=TrainLaunchConfig)
     runs_root: str = field(default="runs", metadata={"help": "parent of run directories"})
 
     def __post_init__(self) -> None:
@@ -193,6 +241,8 @@ class RunConfig:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method == "coevo" and self.loop.second_agent == "none":
             raise ConfigError("method coevo needs loop.second_agent = failure or positive")
+        for section, stage in (("sft", self.sft), ("dpo", self.dpo), ("loop.failure_dpo", self.loop.failure_dpo)):
+            self.train.check_global_batch(section, stage)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,17 +16,38 @@ def warmup_steps(stage, n_examples: int) -> int:
     return int(stage.warmup_ratio * steps_per_epoch * stage.epochs)
 
 
-def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int) -> dict[str, Any]:
+def per_device_batch(stage, processes: int) -> int:
+    """``stage.batch_size`` is the global batch: each of ``processes`` ranks takes an equal share."""
+    if stage.batch_size % processes:
+        raise ValueError(f"batch_size {stage.batch_size} does not divide over {processes} processes")
+    return stage.batch_size // processes
+
+
+def batch_accounting(stage, processes: int) -> dict[str, int]:
+    """What a stage's stats record about its batch: per device x processes x accumulation = effective."""
+    per_device = per_device_batch(stage, processes)
+    return {"per_device_batch": per_device, "processes": processes, "grad_accum": stage.grad_accum,
+            "effective_batch": per_device * processes * stage.grad_accum}
+
+
+def step_losses(trainer) -> list[float]:
+    """The training loss of every optimiser step (logging_steps=1; under DDP the mean over ranks)."""
+    return [round(row["loss"], 6) for row in trainer.state.log_history if "loss" in row]
+
+
+def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int, processes: int = 1,
+                   device_type: str | None = None) -> dict[str, Any]:
     """Arguments common to SFTConfig and DPOConfig from a coevo stage config.
 
     Checkpoints are written by coevo itself (one per agent and iteration), so trl saves nothing;
-    TensorBoard logs land under the run directory.
+    TensorBoard logs land under the run directory. ``device_type`` is where training runs when the
+    model is not there yet (a sharded stage loads weights on the CPU first).
     """
-    on_gpu = next(model.parameters()).device.type == "cuda"
+    on_gpu = (device_type or next(model.parameters()).device.type) == "cuda"
     return {
         "output_dir": str(output_dir),
         "num_train_epochs": stage.epochs,
-        "per_device_train_batch_size": stage.batch_size,
+        "per_device_train_batch_size": per_device_batch(stage, processes),
         "gradient_accumulation_steps": stage.grad_accum,
         "learning_rate": stage.learning_rate,
         "lr_scheduler_type": stage.lr_scheduler,
@@ -36,7 +57,7 @@ def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int) -
         "seed": seed,
         "data_seed": seed,
         "save_strategy": "no",
-        "logging_steps": 5,
+        "logging_steps": 1,  # per-step losses in the stage stats (compared across process counts)
         "report_to": ["tensorboard"],
         "bf16": on_gpu and next(model.parameters()).dtype == torch.bfloat16,
         "use_cpu": not on_gpu,
@@ -55,8 +76,12 @@ def changed_parameters(model, before: dict[str, torch.Tensor]) -> int:
 
 
 def run_quietly(trainer):
-    """Train without trl/transformers printing a dict per log step (TensorBoard has them)."""
+    """Train without trl/transformers printing a dict per log step (TensorBoard has them); coevo's
+    progress bar (named after the stage's output folder, e.g. it1-train-target) shows steps and loss."""
     from transformers.trainer_callback import PrinterCallback
 
+    from coevo_lib.train.progress_callback import TrainingProgress
+
     trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TrainingProgress(Path(trainer.args.output_dir).name))
     return trainer.train()

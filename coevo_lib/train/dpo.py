@@ -25,7 +25,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from coevo_lib.config import DPOStageConfig
 from coevo_lib.prompting import render_ids, tokenize_conversation
 from coevo_lib.records import Pair
-from coevo_lib.train.common import run_quietly, trainer_kwargs
+from coevo_lib.train.common import batch_accounting, run_quietly, step_losses, trainer_kwargs
 
 MASK_COLUMNS = ("chosen_mask", "rejected_mask")
 
@@ -97,12 +97,14 @@ def dpo_loss_terms(stage: DPOStageConfig) -> tuple[list[str], list[float]]:
 
 
 def build_dpo_trainer(model, tokenizer, dataset: Dataset, stage: DPOStageConfig, output_dir: Path, seed: int,
-                      ref_model=None, precompute_ref: bool = True) -> MaskedDPOTrainer:
+                      ref_model=None, precompute_ref: bool = True, processes: int = 1,
+                      device_type: str | None = None) -> MaskedDPOTrainer:
     loss_types, loss_weights = dpo_loss_terms(stage)
+    kwargs = trainer_kwargs(stage, output_dir, seed, model, len(dataset), processes, device_type)
     args = DPOConfig(
-        **trainer_kwargs(stage, output_dir, seed, model, len(dataset)), beta=stage.beta, loss_type=loss_types,
-        loss_weights=loss_weights, precompute_ref_log_probs=precompute_ref and ref_model is None,
-        precompute_ref_batch_size=stage.batch_size,
+        **kwargs, beta=stage.beta, loss_type=loss_types, loss_weights=loss_weights,
+        precompute_ref_log_probs=precompute_ref and ref_model is None,
+        precompute_ref_batch_size=kwargs["per_device_train_batch_size"],
     )
     collator = AssistantMaskCollator(pad_token_id=tokenizer.pad_token_id, max_length=stage.max_length)
     return MaskedDPOTrainer(
@@ -115,16 +117,26 @@ def train_dpo(model, tokenizer, pairs: list[Pair], stage: DPOStageConfig, output
     """DPO in place on ``pairs``; the reference is ``model`` as it is now (the start of the iteration)."""
     if not pairs:
         return {"pairs": 0, "steps": 0, "tokens_trained": 0, "wall_s": 0.0, "train_loss": None}
-    dataset = pairs_dataset(tokenizer, pairs)
+    return fit_dpo(model, tokenizer, pairs_dataset(tokenizer, pairs), stage, output_dir, seed)[1]
+
+
+def fit_dpo(model, tokenizer, dataset: Dataset, stage: DPOStageConfig, output_dir: Path, seed: int,
+            processes: int = 1, device_type: str | None = None) -> tuple[MaskedDPOTrainer, dict]:
+    """DPO on tokenised pairs (one rank of ``processes``). Under several ranks ``dataset`` must be
+    file-backed (``load_from_disk``): trl caches the reference log-probs next to its files, which
+    every rank then reads; an in-memory dataset's cache name is random per process."""
     start = time.time()
-    trainer = build_dpo_trainer(model, tokenizer, dataset, stage, output_dir, seed)
+    trainer = build_dpo_trainer(model, tokenizer, dataset, stage, output_dir, seed, processes=processes,
+                                device_type=device_type)
     output = run_quietly(trainer)
     sequence_tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in dataset)
-    return {
-        "pairs": len(pairs),
+    return trainer, {
+        "pairs": len(dataset),
         "steps": trainer.state.global_step,
         "tokens_trained": int(sequence_tokens * stage.epochs),
         "train_loss": output.training_loss,
+        "step_losses": step_losses(trainer),
+        **batch_accounting(stage, processes),
         "wall_s": time.time() - start,
     }
 

@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 from coevo_lib.config import SFTStageConfig
 from coevo_lib.prompting import tokenize_conversation
 from coevo_lib.records import Episode
-from coevo_lib.train.common import run_quietly, trainer_kwargs
+from coevo_lib.train.common import batch_accounting, run_quietly, step_losses, trainer_kwargs
 
 
 def sft_features(tokenizer, episodes: list[Episode], max_length: int) -> Dataset:
@@ -30,16 +30,24 @@ def sft_features(tokenizer, episodes: list[Episode], max_length: int) -> Dataset
 
 def train_sft(model, tokenizer, episodes: list[Episode], stage: SFTStageConfig, output_dir: Path, seed: int) -> dict:
     """Fine-tune ``model`` in place on ``episodes``; return accounting for metrics.jsonl."""
-    dataset = sft_features(tokenizer, episodes, stage.max_length)
-    args = SFTConfig(**trainer_kwargs(stage, output_dir, seed, model, len(dataset)), packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return fit_sft(model, tokenizer, sft_features(tokenizer, episodes, stage.max_length), stage, output_dir, seed)[1]
+
+
+def fit_sft(model, tokenizer, dataset: Dataset, stage: SFTStageConfig, output_dir: Path, seed: int,
+            processes: int = 1, device_type: str | None = None) -> tuple[SFTTrainer, dict]:
+    """SFT on tokenised ``dataset`` (one rank of ``processes``); the trainer and the stage's accounting."""
+    kwargs = trainer_kwargs(stage, output_dir, seed, model, len(dataset), processes, device_type)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs, packing=False), train_dataset=dataset,
+                         processing_class=tokenizer)
     start = time.time()
     output = run_quietly(trainer)
-    return {
+    return trainer, {
         "examples": len(dataset),
         "tokens_trained": int(sum(len(ids) for ids in dataset["input_ids"]) * stage.epochs),
         "assistant_tokens": int(sum(sum(m) for m in dataset["assistant_masks"])),
         "steps": trainer.state.global_step,
         "train_loss": output.training_loss,
+        "step_losses": step_losses(trainer),
+        **batch_accounting(stage, processes),
         "wall_s": time.time() - start,
     }
