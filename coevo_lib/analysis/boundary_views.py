@@ -166,16 +166,21 @@ def length_matched_difference(margins: pd.DataFrame) -> pd.DataFrame:
 
 
 def design_matrix(data: pd.DataFrame) -> pd.DataFrame:
-    """Intercept, reward, length difference (per 100 tokens), self_generated and source dummies
-    (baseline: the first source present in SOURCES order); constant columns are dropped."""
+    """Intercept, reward, length difference (per 100 tokens), source dummies (baseline: the first source
+    in SOURCES order) and self_generated. A column that adds no rank is dropped: e.g. at iteration 0
+    every natural negative is self-generated, so self_generated is the complement of the perturbed
+    sources and their dummies already carry it."""
     columns = {"intercept": 1.0, "negative_reward": data["negative_reward"].astype(float),
-               "length_difference": data["length_difference"].astype(float) / LENGTH_UNIT,
-               "self_generated": data["self_generated"].fillna(False).astype(float)}
+               "length_difference": data["length_difference"].astype(float) / LENGTH_UNIT}
     sources = sorted(data["source"].unique(), key=lambda s: (s not in NATURAL_SOURCES, s))
     columns.update({f"source={s}": (data["source"] == s).astype(float) for s in sources[1:]})
+    columns["self_generated"] = data["self_generated"].fillna(False).astype(float)
     design = pd.DataFrame(columns, index=data.index)
-    varying = [c for c in design if c == "intercept" or design[c].nunique() > 1]
-    return design[varying]
+    kept: list[str] = []
+    for column in design:
+        if np.linalg.matrix_rank(design[kept + [column]].to_numpy(dtype=float)) == len(kept) + 1:
+            kept.append(column)
+    return design[kept]
 
 
 def ols(design: pd.DataFrame, y: np.ndarray) -> pd.DataFrame:
