@@ -21,6 +21,41 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be turned into a valid config."""
 
 
+class FieldError(ConfigError):
+    """A value outside its field's range. Raised by a section's __post_init__ with the field's own name;
+    ``from_dict`` re-raises it under the section's dotted path, so the message names the full key."""
+
+    def __init__(self, key: str, value: Any, requirement: str):
+        self.key, self.value, self.requirement = key, value, requirement
+        super().__init__(f"config key {key!r} must be {requirement}, got {value!r}")
+
+    def under(self, section: str) -> FieldError:
+        return FieldError(join_key(section, self.key), self.value, self.requirement)
+
+
+def require(ok: bool, key: str, value: Any, requirement: str) -> None:
+    if not ok:
+        raise FieldError(key, value, requirement)
+
+
+def require_positive(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        require(value > 0, name, value, "> 0")
+
+
+def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    require(value in choices, key, value, f"one of {', '.join(choices)}")
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay")  # transformers' SchedulerType (read here without importing transformers)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+PROMPT_STYLES = ("chat", "eto")
+
+
 FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 # What one iteration does; see coevo_lib.loop.ITERATIONS. The second agent's role is loop.second_agent.
@@ -51,6 +86,12 @@ class TinyModelConfig:
     max_position_embeddings: int = 2048
     tokenizer_tasks_per_split: int = 400  # how many tasks' text the tokenizer is trained on
 
+    def __post_init__(self) -> None:
+        require_positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                         "max_position_embeddings", "tokenizer_tasks_per_split")
+        require(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size,
+                f"a multiple of num_heads ({self.num_heads})")
+
 
 @dataclass
 class LoraConfig:
@@ -59,6 +100,11 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        require_positive(self, "r", "alpha")
+        require(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        require(bool(self.target_modules), "target_modules", self.target_modules, "a non-empty list")
 
 
 @dataclass
@@ -70,6 +116,11 @@ class ModelConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     attn_implementation: str | None = None
 
+    def __post_init__(self) -> None:
+        require(bool(self.name_or_path.strip()), "name_or_path", self.name_or_path, "'tiny' or a model path")
+        require_choice("dtype", self.dtype, DTYPES)
+        require(DEVICE_RE.fullmatch(self.device) is not None, "device", self.device, "auto, cpu, mps, cuda or cuda:N")
+
 
 @dataclass
 class PromptConfig:
@@ -78,7 +129,16 @@ class PromptConfig:
         default=True, metadata={"help": "include the env's system prompt (the tiny model learns the format from SFT)"}
     )
     few_shot: bool = field(default=False, metadata={"help": "prepend the env's worked example (real LLMs)"})
+    style: str = field(
+        default="chat",
+        metadata={"help": "chat: system message, example turns, task; eto: ETO's shape (instruction as a user "
+                          "turn answered 'OK', one-shot example turns, then the task)"},
+    )
     max_prompt_tokens: int = field(default=1536, metadata={"help": "left-truncate longer contexts"})
+
+    def __post_init__(self) -> None:
+        require_choice("style", self.style, PROMPT_STYLES)
+        require_positive(self, "max_prompt_tokens")
 
 
 @dataclass
@@ -91,6 +151,12 @@ class RolloutConfig:
     max_tasks: int | None = field(
         default=None, metadata={"help": "cap on training tasks rolled out per iteration (SFT always uses every expert)"}
     )
+
+    def __post_init__(self) -> None:
+        require_positive(self, "batch_size", "max_new_tokens", "samples_per_task")
+        require(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        require(self.max_tasks is None or self.max_tasks > 0, "max_tasks", self.max_tasks, "> 0 or null")
 
 
 @dataclass
@@ -105,6 +171,12 @@ class TrainerStageConfig:
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        require_positive(self, "epochs", "learning_rate", "batch_size", "grad_accum", "max_length")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        require_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
 
 
 @dataclass
@@ -128,8 +200,13 @@ class DPOStageConfig(TrainerStageConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.sft_reduction not in ("sum", "token_mean"):
-            raise ConfigError(f"dpo.sft_reduction must be 'sum' or 'token_mean', got {self.sft_reduction!r}")
+        super().__post_init__()
+        require_choice("sft_reduction", self.sft_reduction, ("sum", "token_mean"))
+        require_positive(self, "beta")
+        require(self.lambda_dpo >= 0, "lambda_dpo", self.lambda_dpo, ">= 0")
+        require(self.lambda_sft >= 0, "lambda_sft", self.lambda_sft, ">= 0")
+        require(self.lambda_dpo + self.lambda_sft > 0, "lambda_dpo", self.lambda_dpo,
+                "> 0 when lambda_sft is 0 (a stage with no loss term)")
 
 
 @dataclass
@@ -140,6 +217,9 @@ class PairConfig:
     target_failure_pairs: bool = field(default=False, metadata={"help": "v1: add failure>failure pairs to target"})
     include_target_failures: bool = True
     include_failure_agent_failures: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.eto_extra_turns >= 0, "eto_extra_turns", self.eto_extra_turns, ">= 0")
 
 
 @dataclass
@@ -157,8 +237,11 @@ class LoopConfig:
     best_of_n: int = field(default=4, metadata={"help": "samples per task for best_of_n / rft"})
 
     def __post_init__(self) -> None:
-        if self.second_agent not in ("none", "failure", "positive"):
-            raise ConfigError(f"loop.second_agent must be none, failure or positive, got {self.second_agent!r}")
+        require_choice("second_agent", self.second_agent, ("none", "failure", "positive"))
+        require(self.iterations >= 0, "iterations", self.iterations, ">= 0")
+        require_positive(self, "best_of_n")
+        freeze = self.freeze_second_agent_after
+        require(freeze is None or freeze >= 0, "freeze_second_agent_after", freeze, ">= 0 or null")
 
 
 @dataclass
@@ -166,6 +249,12 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test_seen", "test_unseen"])
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     max_tasks: int | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.splits) and len(set(self.splits)) == len(self.splits), "splits", self.splits,
+                "a non-empty list of distinct split names")
+        require(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
+        require(self.max_tasks is None or self.max_tasks > 0, "max_tasks", self.max_tasks, "> 0 or null")
 
 
 LAUNCHERS = ("inprocess", "accelerate", "torchrun")
@@ -239,6 +328,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        require(self.seed >= 0, "seed", self.seed, ">= 0")
+        require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        require(bool(self.runs_root), "runs_root", self.runs_root, "a directory")
         if self.method == "coevo" and self.loop.second_agent == "none":
             raise ConfigError("method coevo needs loop.second_agent = failure or positive")
         for section, stage in (("sft", self.sft), ("dpo", self.dpo), ("loop.failure_dpo", self.loop.failure_dpo)):
@@ -262,7 +354,10 @@ def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"recipe file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"recipe base cycle through {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping at top level")
     base = data.pop("base", None)
@@ -293,13 +388,22 @@ def normalise_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[st
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({one_line(error)})") from None
     return parsed
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def set_dotted(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
     *parents, leaf = dotted_key.split(".")
     node = raw
+    if not all(parents + [leaf]):
+        raise ConfigError(f"override key {dotted_key!r} has an empty part")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -325,7 +429,10 @@ def from_dict(cls: type, data: Any, where: str, base: Any = None) -> Any:
             values[key] = from_dict(type(current), value, join_key(where, key), current)
         else:
             values[key] = convert(hints[key], value, join_key(where, key))
-    return dataclasses.replace(base, **values)
+    try:
+        return dataclasses.replace(base, **values)
+    except FieldError as error:  # raised by the section's __post_init__, which knows only its field names
+        raise error.under(where) from None
 
 
 def join_key(where: str, key: str) -> str:

@@ -26,12 +26,33 @@ def system_message(spec: TaskSpec, config: PromptConfig) -> dict[str, str]:
     return {"role": "system", "content": f"{spec.system_prompt}\n{fmt}"}
 
 
+ETO_ACKNOWLEDGEMENT = "OK"
+ETO_EXAMPLE_INTRO = "Here is an example of a task solved step by step."
+ETO_TASK_INTRO = "Now it is your turn. Here is your task."
+
+
 def initial_messages(spec: TaskSpec, first_observation: str, config: PromptConfig) -> list[dict[str, str]]:
-    """System prompt, optional worked example, then the first observation as the user turn."""
+    """The prompt of an episode: the messages before the agent's first turn (``prompt.style``)."""
+    if config.style == "eto":
+        return eto_initial_messages(spec, first_observation, config)
     messages = [system_message(spec, config)] if config.system_prompt else []
     if config.few_shot:
         messages.extend(spec.few_shot)
     messages.append({"role": "user", "content": first_observation})
+    return messages
+
+
+def eto_initial_messages(spec: TaskSpec, first_observation: str, config: PromptConfig) -> list[dict[str, str]]:
+    """ETO's prompt shape (Song et al. 2024, as its eval_agent builds it), in our words: the instruction as the
+    first user turn, acknowledged by the assistant; with ``few_shot``, one training gold trajectory as
+    conversation turns; then the task. Models without a system role (ETO's Llama-2) read it the same way."""
+    messages = [{"role": "user", "content": system_message(spec, config)["content"]},
+                {"role": "assistant", "content": ETO_ACKNOWLEDGEMENT}]
+    example = spec.few_shot if config.few_shot else []
+    if example:
+        messages.append({"role": "user", "content": f"{ETO_EXAMPLE_INTRO}\n{example[0]['content']}"})
+        messages.extend(example[1:])
+    messages.append({"role": "user", "content": f"{ETO_TASK_INTRO}\n{first_observation}"})
     return messages
 
 
@@ -81,8 +102,13 @@ def render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt:
     return list(ids)
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids of a whole conversation and a mask that is 1 exactly on assistant-written tokens.
+def tokenize_conversation(
+    tokenizer, messages: list[dict[str, str]], prompt_messages: int = 0
+) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation and a mask that is 1 exactly on the agent's assistant tokens.
+
+    Assistant messages among the first ``prompt_messages`` (a worked example, ETO's "OK") are prompt, not
+    the agent's: they stay 0, so SFT never trains on the in-context example.
 
     Works for any chat template (no {% generation %} markers needed): each assistant span is the
     difference between the rendering up to its generation prompt and the rendering including it.
@@ -91,7 +117,7 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[li
     ids = render_ids(tokenizer, messages)
     mask = [0] * len(ids)
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or index < prompt_messages:
             continue
         start = len(render_ids(tokenizer, messages[:index], add_generation_prompt=True))
         end = len(render_ids(tokenizer, messages[: index + 1]))

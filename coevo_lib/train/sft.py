@@ -22,7 +22,7 @@ from coevo_lib.train.common import batch_accounting, run_quietly, step_losses, t
 def sft_features(tokenizer, episodes: list[Episode], max_length: int) -> Dataset:
     rows = {"input_ids": [], "assistant_masks": []}
     for episode in episodes:
-        ids, mask = tokenize_conversation(tokenizer, episode.messages)
+        ids, mask = tokenize_conversation(tokenizer, episode.messages, episode.prompt_messages)
         rows["input_ids"].append(ids[:max_length])
         rows["assistant_masks"].append(mask[:max_length])
     return Dataset.from_dict(rows)
