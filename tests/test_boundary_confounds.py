@@ -35,10 +35,10 @@ def episode(eid: str, actions: list[str], reward: float, agent: str = "target", 
 
 def table_scorer(per_token: dict[str, float], default: float = -1.0, tokens=lambda text: TOKENS_PER_TURN):
     """(prompt, completion) -> (sum over assistant turns of per-token log-prob x tokens, tokens)."""
-    def score(prompt, completion):
+    def score_one(completion):
         turns = [m["content"] for m in completion if m["role"] == "assistant"]
         return (sum(per_token.get(t, default) * tokens(t) for t in turns), sum(tokens(t) for t in turns))
-    return score
+    return lambda requests: [score_one(completion) for _, completion in requests]
 
 
 def rows_for(expert: Episode, negative: Episode, policy, reference, beta: float = 0.5) -> dict:
@@ -71,6 +71,17 @@ def test_a_worse_turn_shows_per_token_even_when_the_negative_is_shorter():
     assert row["loglik_margin_per_token"] == pytest.approx(-1.0 - (-30.0 / 10))
     assert row["divergence_step"] == 1 and row["step_gap"] == pytest.approx(-5.0 - -25.0)
     assert row["step_gap_per_token"] == pytest.approx(-1.0 - -5.0)
+
+
+def test_the_batched_model_scorer_equals_the_trainers_sequence_logps(tiny_model, tiny_tokenizer):
+    from coevo_lib.train.dpo import sequence_logps
+
+    expert = episode("expert/t", ["search[red mug]", "click[B0AAAA]", "click[buy now]"], 1.0, "expert", 0)
+    requests = [(expert.messages[:2], expert.messages[2:k]) for k in (3, 5, 7)]  # 1, 2 and 3 turns: padding
+    scored = boundary.model_scorer(tiny_model, tiny_tokenizer, batch_size=2)(requests)
+    expected = [sequence_logps(tiny_model, tiny_tokenizer, p, c) for p, c in requests]
+    assert [logp for logp, _ in scored] == pytest.approx(expected, abs=1e-4)
+    assert scored[0][1] < scored[1][1] < scored[2][1]
 
 
 def test_per_token_margins_refuse_an_empty_completion():
@@ -233,6 +244,8 @@ def test_regression_recovers_known_coefficients_with_intervals_that_cover_them()
                      "source": "perturbed_item" if perturbed else "greedy_eval", "loglik_margin": margin,
                      "loglik_margin_per_token": margin, "implicit_margin_per_token": margin})
     fit = boundary_views.margin_regression(frame(rows), views=("loglik_margin",)).set_index("term")
+    collinear = frame([{**row, "self_generated": row["source"] == "greedy_eval"} for row in rows])
+    assert "self_generated" not in set(boundary_views.margin_regression(collinear, views=("loglik_margin",))["term"])
     truth = {"intercept": 1.0, "negative_reward": -2.0, "length_difference": 0.5, "source=perturbed_item": 0.8}
     assert set(fit.index) == set(truth)  # self_generated is constant here: dropped
     for term, value in truth.items():

@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 MAX_NEGATIVES = 100  # per run and source; see negatives.capped
 
-# (prompt messages, completion messages) -> (summed assistant-token log-prob, assistant-token count)
-Scorer = Callable[[list[dict[str, str]], list[dict[str, str]]], tuple[float, int]]
+# [(prompt messages, completion messages)] -> [(summed assistant-token log-prob, assistant-token count)]
+Scorer = Callable[[list[tuple[list[dict[str, str]], list[dict[str, str]]]]], list[tuple[float, int]]]
 
 
 @dataclass
@@ -126,39 +126,80 @@ def target_checkpoints(run_dir: Path, iterations: int) -> dict[int, Path]:
     return paths
 
 
-def model_scorer(model, tokenizer) -> Scorer:
-    """Summed assistant-token log-prob (the trainer's masking) and the number of tokens it sums."""
-    from coevo_lib.train.dpo import pair_features, sequence_logps
+def model_scorer(model, tokenizer, batch_size: int = 16, token_cache: dict | None = None) -> Scorer:
+    """Summed assistant-token log-probs (the trainer's masking, coevo_lib.train.dpo.pair_features) and the
+    number of tokens summed, for a list of (prompt, completion) requests; batched, shortest first.
 
-    def score(prompt, completion) -> tuple[float, int]:
-        tokens = sum(pair_features(tokenizer, prompt, completion, completion)["chosen_mask"])
-        return sequence_logps(model, tokenizer, prompt, completion), tokens
+    Rendering chat templates costs as much as the forward passes; checkpoints of one run share their
+    tokenizer, so their scorers can share ``token_cache``.
+    """
+    from coevo_lib.train.dpo import pair_features
+
+    cache = {} if token_cache is None else token_cache
+
+    def tokens_of(prompt, completion) -> tuple[list[int], list[int]]:
+        key = tuple((m["role"], m["content"]) for m in prompt + [{"role": "|", "content": ""}] + completion)
+        if key not in cache:
+            features = pair_features(tokenizer, prompt, completion, completion)
+            cache[key] = (features["prompt_ids"] + features["chosen_ids"],
+                          [0] * len(features["prompt_ids"]) + features["chosen_mask"])
+        return cache[key]
+
+    def score(requests: list[tuple[list[dict], list[dict]]]) -> list[tuple[float, int]]:
+        rows = [tokens_of(prompt, completion) for prompt, completion in requests]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        results: dict[int, tuple[float, int]] = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            results.update(zip(chunk, batch_logps(model, tokenizer.pad_token_id, [rows[i] for i in chunk])))
+        return [results[i] for i in range(len(rows))]
 
     return score
 
 
-def checkpoint_scorer(checkpoint: Path, model_config) -> Scorer:
+def batch_logps(model, pad_id: int, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+    """sequence_logps for a batch of (ids, assistant mask), right-padded (causal: padding comes after)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in rows], device=model.device)
+    attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows], device=model.device)
+    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    sums = (token_logps * mask[:, 1:]).sum(-1)
+    return [(float(total), int(count)) for total, count in zip(sums, mask.sum(-1))]
+
+
+def checkpoint_scorer(checkpoint: Path, model_config, token_cache: dict) -> Scorer:
     from coevo_lib.models import load_model, load_tokenizer
 
-    return model_scorer(load_model(checkpoint, model_config).eval(), load_tokenizer(checkpoint))
+    return model_scorer(load_model(checkpoint, model_config).eval(), load_tokenizer(checkpoint),
+                        token_cache=token_cache)
 
 
 def score_items(scorer: Scorer, items: list[BoundaryItem]) -> list[dict[str, float | None]]:
-    """Log-probs and token counts of every expert, negative and step turn (experts scored once each)."""
-    expert_cache: dict[str, tuple[float, int]] = {}
-    scores = []
-    for item in items:
-        key = item.pair.chosen_episode_id
-        if key not in expert_cache:
-            expert_cache[key] = scorer(item.pair.prompt_messages, item.pair.chosen_messages)
-        row = logp_columns("expert", expert_cache[key])
-        row.update(logp_columns("negative", scorer(item.pair.prompt_messages, item.pair.rejected_messages)))
+    """Log-probs and token counts of every expert, negative and step turn, in one scorer call."""
+    requests: dict[tuple, tuple[list[dict], list[dict]]] = {}  # experts and expert step turns repeat
+    for index, item in enumerate(items):
+        requests[("expert", item.pair.chosen_episode_id)] = (item.pair.prompt_messages, item.pair.chosen_messages)
+        requests[("negative", index)] = (item.pair.prompt_messages, item.pair.rejected_messages)
+        if item.step_prefix is not None:
+            requests[("step_expert", item.pair.chosen_episode_id, item.divergence_step)] = (
+                item.step_prefix, [item.step_expert_turn])
+            requests[("step_negative", index)] = (item.step_prefix, [item.step_negative_turn])
+    scored = dict(zip(requests, scorer(list(requests.values()))))
+    rows = []
+    for index, item in enumerate(items):
         has_step = item.step_prefix is not None
-        row.update(logp_columns("step_expert", scorer(item.step_prefix, [item.step_expert_turn]) if has_step else None))
-        row.update(logp_columns("step_negative", scorer(item.step_prefix, [item.step_negative_turn]) if has_step
-                                else None))
-        scores.append(row)
-    return scores
+        row = logp_columns("expert", scored[("expert", item.pair.chosen_episode_id)])
+        row.update(logp_columns("negative", scored[("negative", index)]))
+        row.update(logp_columns("step_expert", scored[("step_expert", item.pair.chosen_episode_id,
+                                                        item.divergence_step)] if has_step else None))
+        row.update(logp_columns("step_negative", scored[("step_negative", index)] if has_step else None))
+        rows.append(row)
+    return rows
 
 
 def logp_columns(side: str, score: tuple[float, int] | None) -> dict[str, float | int | None]:
@@ -240,7 +281,9 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
         env.close()
     items = boundary_items(experts, negatives)
     checkpoints = target_checkpoints(run_dir, run_info(run_dir)["iterations"])
-    scores = {k: score_items(checkpoint_scorer(path, config.model), items) for k, path in checkpoints.items()}
+    token_cache: dict = {}
+    scores = {k: score_items(checkpoint_scorer(path, config.model, token_cache), items)
+              for k, path in checkpoints.items()}
     rows = [margin_row(item, k, scores[k][i], scores[0][i], config.dpo.beta, model_identity(run_dir, "target", k))
             for k in sorted(scores) for i, item in enumerate(items)]
     write_json_atomic(out.with_suffix(".json"), {
