@@ -223,10 +223,18 @@ def step_gaps(summary: pd.DataFrame) -> Figure:
             ax.errorbar(rows["iteration"], rows["mean"], yerr=rows["ci95"].fillna(0), marker="o", capsize=2,
                         label=label, **source_style(label))
         ax.axhline(0.0, color="black", lw=0.8)
-        ax.set(title=method, xlabel="iteration", ylabel="log pi(expert turn) - log pi(negative turn)")
+        ax.set(title=method, xlabel="iteration", ylabel="step gap (nats)")
         iteration_ticks(ax, data["iteration"])
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=7)
+    figure_legend(figure, axes, ncols=3)
     return figure
+
+
+def figure_legend(figure: Figure, axes, ncols: int) -> None:
+    """One legend below the panels with every label any panel drew (panels may lack some)."""
+    entries: dict = {}
+    for ax in axes:
+        entries.update(zip(*reversed(ax.get_legend_handles_labels())))
+    figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=ncols, fontsize=7)
 
 
 def margins_by_source(summary: pd.DataFrame) -> Figure:
@@ -247,8 +255,7 @@ def margins_by_source(summary: pd.DataFrame) -> Figure:
         ax.axvline(0.0, color="black", lw=0.8)
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_title(title)
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
-                  ncols=min(len(methods), 5), fontsize=8)
+    figure_legend(figure, axes, ncols=min(len(methods), 5))
     return figure
 
 
@@ -283,8 +290,8 @@ def length_matched(cells: pd.DataFrame) -> Figure:
             ax = axes[row, col]
             for negative_class, rows in cells[(cells["view"] == view) & (cells["method"] == method)].groupby(
                     "negative_class"):
-                x = [bins.index(b) for b in rows["length_bin"]]
-                ax.errorbar(x, rows["mean"], yerr=rows["ci95"].fillna(0), marker="o", capsize=2,
+                rows = rows.assign(x=[bins.index(b) for b in rows["length_bin"]]).sort_values("x")
+                ax.errorbar(rows["x"], rows["mean"], yerr=rows["ci95"].fillna(0), marker="o", capsize=2,
                             color=CLASS_COLORS[negative_class], label=negative_class)
             ax.axhline(0.0, color="black", lw=0.8)
             ax.set_xticks(range(len(bins)), bins, rotation=40, fontsize=7)
@@ -326,7 +333,7 @@ def preference_accuracy(accuracy: pd.DataFrame) -> Figure:
         ax.set(title=title, xlabel="iteration", ylim=(-0.02, 1.02))
         iteration_ticks(ax, accuracy["iteration"])
     axes[0].set_ylabel("preference accuracy")
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=7)
+    figure_legend(figure, axes, ncols=4)
     return figure
 
 
