@@ -183,20 +183,20 @@ def score_items(scorer: Scorer, items: list[BoundaryItem]) -> list[dict[str, flo
     """Log-probs and token counts of every expert, negative and step turn, in one scorer call."""
     requests: dict[tuple, tuple[list[dict], list[dict]]] = {}  # experts and expert step turns repeat
     for index, item in enumerate(items):
-        requests[("expert", item.pair.chosen_episode_id)] = (item.pair.prompt_messages, item.pair.chosen_messages)
+        expert = (item.negative.split, item.pair.chosen_episode_id)
+        requests[("expert", *expert)] = (item.pair.prompt_messages, item.pair.chosen_messages)
         requests[("negative", index)] = (item.pair.prompt_messages, item.pair.rejected_messages)
         if item.step_prefix is not None:
-            requests[("step_expert", item.pair.chosen_episode_id, item.divergence_step)] = (
-                item.step_prefix, [item.step_expert_turn])
+            requests[("step_expert", *expert, item.divergence_step)] = (item.step_prefix, [item.step_expert_turn])
             requests[("step_negative", index)] = (item.step_prefix, [item.step_negative_turn])
     scored = dict(zip(requests, scorer(list(requests.values()))))
     rows = []
     for index, item in enumerate(items):
-        has_step = item.step_prefix is not None
-        row = logp_columns("expert", scored[("expert", item.pair.chosen_episode_id)])
+        expert, has_step = (item.negative.split, item.pair.chosen_episode_id), item.step_prefix is not None
+        row = logp_columns("expert", scored[("expert", *expert)])
         row.update(logp_columns("negative", scored[("negative", index)]))
-        row.update(logp_columns("step_expert", scored[("step_expert", item.pair.chosen_episode_id,
-                                                        item.divergence_step)] if has_step else None))
+        row.update(logp_columns("step_expert", scored[("step_expert", *expert, item.divergence_step)]
+                                if has_step else None))
         row.update(logp_columns("step_negative", scored[("step_negative", index)] if has_step else None))
         rows.append(row)
     return rows
