@@ -72,17 +72,29 @@ def test_unknown_analysis_parameter_is_refused_before_running(tmp_path):
         run_study(study)
 
 
+def test_bad_entry_config_is_refused_before_any_run(tmp_path):
+    entries = [{"name": "good", "recipe": "configs/minishop/sft.yaml"},
+               {"name": "bad", "recipe": "configs/minishop/sft.yaml", "overrides": {"rollout.temperature": -1}}]
+    study = write_study(tmp_path / "s.yaml", name="s", runs_root=str(tmp_path / "runs"), entries=entries)
+    with pytest.raises(ConfigError, match="entry bad seed 0: config key 'rollout.temperature' must be >= 0"):
+        run_study(study)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_failing_entry_is_reported_and_the_other_finishes_then_reruns_skip(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's tiny model: see test_notebooks.one_torch_thread
     runs = tmp_path / "runs"
-    bad = {"name": "bad", "recipe": "configs/minishop/sft.yaml", "overrides": {"sft.no_such_key": 1}}
+    broken_model = tmp_path / "broken-model"  # passes the input checks (a directory with a config.json), fails to load
+    broken_model.mkdir()
+    (broken_model / "config.json").write_text("{}")
+    bad = {"name": "bad", "recipe": "configs/minishop/sft.yaml", "overrides": {"model.name_or_path": str(broken_model)}}
     fields = {"name": "two", "runs_root": str(runs), "smoke": True, "analysis": [], "figures_dir": None,
               "entries": [bad, {"name": "good", "recipe": "configs/minishop/sft.yaml"}]}
     study = write_study(tmp_path / "two.yaml", **fields)
 
     assert run_study(study) == 1
     err = capsys.readouterr().err
-    assert "run bad seed 0" in err and "notebook 10-run.ipynb failed" in err and "sft.no_such_key" in err
+    assert "run bad seed 0" in err and "notebook 10-run.ipynb failed" in err
     assert str(runs / "bad-seed0" / "10-run.ipynb") in err  # the executed copy shows the failing cell
     assert is_finished(runs / "good-seed0") and not is_finished(runs / "bad-seed0")
     executed = runs / "good-seed0" / "10-run.ipynb"

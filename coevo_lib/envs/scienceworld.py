@@ -290,7 +290,7 @@ class ScienceWorldEnv(TextEnv):
     def _eto_splits(self, sizes: dict[str, int | None]) -> sws.Splits:
         splits = sws.eto_splits(self._variations)
         overlap = set(splits["train"]) & set(splits["test_seen"])
-        logger.info("ETO's split lists %d train ids that are also seen-split ids (eto_train_overlap=%s)",
+        logger.debug("ETO's split lists %d train ids that are also seen-split ids (eto_train_overlap=%s)",
                     len(overlap), self.eto_train_overlap)
         if self.eto_train_overlap == "drop":
             splits["train"] = [task_id for task_id in splits["train"] if task_id not in overlap]
@@ -372,8 +372,9 @@ class ScienceWorldEnv(TextEnv):
         overlaps = sws.split_overlaps(self._splits)
         limits = ({"rule": "eto", "per_task": dict(self.step_limits)} if self.flat_limit is None
                   else {"rule": "flat", "max_steps": self.flat_limit})
-        return {**super().protocol(), "split_source": self.split_source, "step_limit": limits,
-                "reward_rule": self.reward_rule, "eto_train_overlap": self.eto_train_overlap,
+        return {**super().protocol(), "max_steps": self.flat_limit or "eto", "step_limit": limits,
+                "split_source": self.split_source, "reward_rule": self.reward_rule,
+                "eto_train_overlap": self.eto_train_overlap,
                 "split_overlaps": {pair: len(ids) for pair, ids in overlaps.items()},
                 "simplification": self.simplification}
 
