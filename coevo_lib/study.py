@@ -28,6 +28,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from coevo_lib.analysis.loading import is_finished, project_root, resolve_path
 from coevo_lib.config import ConfigError, from_dict, load_config
+from coevo_lib.preflight import check_run_inputs
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,11 @@ def check_inputs(study: Study, runs: list[PlannedRun]) -> None:
     if missing:
         raise ConfigError(f"study {study.name}: files not found: {missing} "
                           f"(relative paths are relative to the project root {project_root()})")
+    for run in runs:  # every run's config, environment and model, before the first run starts
+        try:
+            check_run_inputs(load_config(run.recipe, run_overrides(run.overrides, run.seed, study.smoke)))
+        except ConfigError as error:
+            raise ConfigError(f"study {study.name}, entry {run.entry} seed {run.seed}: {error}") from None
     declared = set().union(*(declared_parameters(resolve_path(p)) for p in study.analysis))
     unknown = sorted(set(study.analysis_parameters) - declared)
     if unknown:
