@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from coevo_lib.config import ConfigError, DPOStageConfig, RunConfig, SFTStageConfig, TrainLaunchConfig, load_config
 from coevo_lib.models import load_model, load_tokenizer, save_agent
@@ -89,7 +90,8 @@ def assert_same_steps(one: dict, two: dict) -> None:
 def test_sft_stage_on_two_ranks_matches_one_process(stage_run):
     config, run = stage_run
     episodes = shop_episodes(8)
-    one, two = in_process("sft", config, run, episodes), launched("sft", run, episodes)
+    shipped_ddp = TrainLaunchConfig(launcher="accelerate", num_processes=2, accelerate_config="ddp")
+    one, two = in_process("sft", config, run, episodes), launched("sft", run, episodes, train=shipped_ddp)
     assert two["distributed_type"] == "MULTI_CPU"
     assert_same_steps(one, two)
 
@@ -112,6 +114,15 @@ def test_torchrun_launcher_and_a_dying_rank_fail_the_stage_cleanly(stage_run):
     assert not run.checkpoint("sft-two.tmp").joinpath("model.safetensors").exists()
     assert not (run.sub("launch", "sft") / "stats.json").exists()
     assert "Traceback" in (run.sub("launch", "sft") / "launch.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_sharded_config_is_refused_on_cpu_ranks_rather_than_run_as_ddp(stage_run):
+    _, run = stage_run
+    fsdp2 = TrainLaunchConfig(launcher="accelerate", num_processes=2, accelerate_config="fsdp2")
+    with pytest.raises(StageLaunchError):
+        launched("sft", run, shop_episodes(4), train=fsdp2)
+    assert "FSDP / DeepSpeed accelerate configs need CUDA GPUs" in (run.sub("launch", "sft") / "launch.log").read_text()
 
 
 # -- the loop ------------------------------------------------------------------------------------

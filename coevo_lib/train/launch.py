@@ -10,8 +10,9 @@ launcher that dies leaves neither, so a rerun starts the stage again.
     <run>/launch/<name>/job.json      what to train: kind, stage config section, start, examples, seed, out
     <run>/launch/<name>/examples.jsonl the episodes (SFT) or pairs (DPO) to train on
     <run>/launch/<name>/launch.log    the launcher's and every rank's output, one header per attempt
-    <run>/launch/<name>/ranks/        one pid file per rank (killed if the launcher fails)
+    <run>/launch/<name>/ranks/        <host>-<rank>.pid per rank (this host's are killed if the launcher fails)
     <run>/launch/<name>/stats.json    rank 0's stage accounting (written last)
+    <run>/launch/<name>/running       present while the launcher runs (other nodes join it)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from coevo_lib.config import TrainLaunchConfig
 from coevo_lib.records import write_json_atomic, write_jsonl_atomic
@@ -61,19 +64,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(train: TrainLaunchConfig, job_file: Path) -> list[str]:
-    """The launcher's argv: the venv's own python runs accelerate or torchrun, which start the ranks."""
-    port, processes = str(train.main_process_port or free_port()), str(train.num_processes)
+def machines(config_file: Path | None) -> int:
+    return int(yaml.safe_load(config_file.read_text()).get("num_machines", 1)) if config_file else 1
+
+
+def launch_command(train: TrainLaunchConfig, job_file: Path, machine_rank: int = 0) -> list[str]:
+    """The launcher's argv: the venv's own python runs accelerate or torchrun, which start the ranks.
+
+    A multi-node accelerate config file (num_machines > 1, main_process_ip) is launched as this
+    node's share, ``machine_rank``; the other nodes run ``coevo_lib.train.follow`` (same file, same port).
+    """
     worker = ["-m", "coevo_lib.train.worker", str(job_file)]
+    processes = str(train.num_processes)
     if train.launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", processes,
-                "--master_port", port, *worker]
+                "--master_port", str(train.main_process_port or free_port()), *worker]
     config_file = accelerate_config_file(train.accelerate_config)
+    if machines(config_file) > 1:  # every node must meet on the file's (or train's) fixed port
+        port = ["--main_process_port", str(train.main_process_port)] if train.main_process_port else []
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                "--num_processes", processes, "--machine_rank", str(machine_rank), *port, *worker]
     # No file: plain DDP ("--multi_gpu" also starts N gloo ranks on a CPU-only machine).
     setup = ["--config_file", str(config_file)] if config_file else [
         *(["--multi_gpu"] if train.num_processes > 1 else []), "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [sys.executable, "-m", "accelerate.commands.launch", *setup, "--num_processes", processes,
-            "--num_machines", "1", "--main_process_port", port, *worker]
+            "--num_machines", "1", "--main_process_port", str(train.main_process_port or free_port()), *worker]
 
 
 def die_with_parent() -> None:
@@ -91,7 +106,8 @@ def write_job(job_dir: Path, job: dict[str, Any], examples: list[Any]) -> Path:
         pid_file.unlink()
     write_jsonl_atomic(job_dir / "examples.jsonl", examples)
     job_file = job_dir / "job.json"
-    write_json_atomic(job_file, {**job, "dir": str(job_dir.resolve()), "examples": str(job_dir / "examples.jsonl")})
+    write_json_atomic(job_file, {**job, "dir": str(job_dir.resolve()), "examples": str(job_dir / "examples.jsonl"),
+                                 "attempt": f"{time.time():.6f}"})  # followers launch each attempt once
     return job_file
 
 
@@ -107,10 +123,12 @@ def run_stage(train: TrainLaunchConfig, job_dir: Path, job: dict[str, Any], exam
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         (job_dir / "launcher.pid").write_text(str(process.pid))
+        (job_dir / "running").touch()  # what follower nodes join
         code = None
         try:
             code = process.wait()
         finally:
+            (job_dir / "running").unlink(missing_ok=True)
             if code != 0:  # failed, killed, or interrupted here (KeyboardInterrupt in a notebook)
                 end_stage(process, job_dir)
     stats_path = job_dir / "stats.json"
@@ -132,7 +150,7 @@ def end_stage(process: subprocess.Popen, job_dir: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    for pid_file in (job_dir / "ranks").glob("*.pid"):
+    for pid_file in (job_dir / "ranks").glob(f"{socket.gethostname()}-*.pid"):  # other nodes' pids mean nothing here
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
             log.warning("stage %s: killed leftover rank %s", job_dir.name, pid_file.stem)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -51,9 +52,10 @@ def exit_with_launcher() -> None:
 
 
 def record_pid(job: dict[str, Any], state: PartialState) -> None:
+    """<job>/ranks/<host>-<rank>.pid: the loop kills its own host's leftover ranks after a failure."""
     ranks = Path(job["dir"]) / "ranks"
     ranks.mkdir(exist_ok=True)
-    (ranks / f"{state.process_index}.pid").write_text(str(os.getpid()))
+    (ranks / f"{socket.gethostname()}-{state.process_index}.pid").write_text(str(os.getpid()))
 
 
 def is_sharded() -> bool:
@@ -61,12 +63,12 @@ def is_sharded() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
-def load_rank_model(start: str, model_config, device_type: str):
+def rank_model_config(model_config, device_type: str):
     """Each rank's copy: on its own GPU for DDP; on the CPU (in the GPU dtype) when sharding will place it."""
     dtype = model_config.dtype if model_config.dtype != "auto" else (
         "bfloat16" if device_type == "cuda" else "float32")
     device = "cpu" if device_type == "cpu" or is_sharded() else f"cuda:{torch.cuda.current_device()}"
-    return load_model(start, dataclasses.replace(model_config, device=device, dtype=dtype), trainable=True)
+    return dataclasses.replace(model_config, device=device, dtype=dtype)
 
 
 def shared_dataset(job: dict[str, Any], tokenizer, stage, state: PartialState) -> Dataset:
@@ -95,7 +97,7 @@ def save_trained(trainer, tokenizer, model_config, job: dict[str, Any]) -> None:
         return
     state_dict = accelerator.get_state_dict(trainer.model)  # collective: every rank sends its shards
     if accelerator.is_main_process:
-        cpu_model = load_model(job["start"], dataclasses.replace(model_config, device="cpu"))
+        cpu_model = load_model(job["start"], dataclasses.replace(model_config, device="cpu"))  # trained dtype
         if model_config.lora.enabled:
             cpu_model = wrap_lora(cpu_model, model_config.lora)
         cpu_model.load_state_dict(state_dict)
@@ -107,17 +109,22 @@ def train_job(job: dict[str, Any], state: PartialState) -> dict[str, Any]:
     stage = section_config(config, job["stage_section"])
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     seed_everything(job["seed"])
-    model, tokenizer = load_rank_model(job["start"], config.model, device_type), load_tokenizer(job["start"])
+    model_config = rank_model_config(config.model, device_type)
+    model, tokenizer = load_model(job["start"], model_config, trainable=True), load_tokenizer(job["start"])
     dataset = shared_dataset(job, tokenizer, stage, state)
     fit = fit_sft if job["kind"] == "sft" else fit_dpo
     trainer, stats = fit(model, tokenizer, dataset, stage, Path(job["tb_dir"]), job["seed"],
                          processes=state.num_processes, device_type=device_type)
-    save_trained(trainer, tokenizer, config.model, job)
+    save_trained(trainer, tokenizer, model_config, job)
     return {**stats, "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1]}
 
 
 def main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
+    if is_sharded() and not torch.cuda.is_available():
+        # accelerate would quietly fall back to plain DDP on CPU ranks: refuse instead of mislabelling the run.
+        raise SystemExit("coevo worker: FSDP / DeepSpeed accelerate configs need CUDA GPUs; on CPU use "
+                         "train.accelerate_config=ddp (or none)")
     state = PartialState(cpu=not torch.cuda.is_available())
     exit_with_launcher()
     record_pid(job, state)
