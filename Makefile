@@ -51,10 +51,11 @@ lab: ## open JupyterLab with the project's kernel
 	$(MAKE) setup EXTRAS=dev,envs,lab
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
-bench: $(STAMP) ## speed benchmarks (rollout batching, masked DPO, environment step times)
+bench: $(STAMP) ## speed benchmarks (rollout batching, masked DPO, environment step times, 1 vs 2 training ranks)
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/dpo.py
 	$(BIN)/python bench/envs.py
+	$(BIN)/python bench/train.py
 
 clean-runs: ## delete run directories (keeps figures/)
 	rm -rf runs
