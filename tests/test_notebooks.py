@@ -10,12 +10,11 @@ import os
 from pathlib import Path
 
 import nbformat
-import papermill
 import pytest
 import yaml
 
 from coevo_lib.analysis.loading import is_finished
-from coevo_lib.study import ANALYSIS_NOTEBOOKS, KERNEL_NAME, run_study
+from coevo_lib.study import ANALYSIS_NOTEBOOKS, KERNEL_NAME, execute, run_study
 
 NOTEBOOKS = sorted(Path("notebooks").glob("*.ipynb"))
 RUN_NOTEBOOK = "10-run.ipynb"
@@ -88,8 +87,7 @@ def test_run_notebook_executed_into_its_run_dir(smoke_study, entry):
 def test_analysis_notebook_executed_on_the_smoke_runs(smoke_study, path):
     executed_path = smoke_study / "runs" / path.name
     if not executed_path.exists():  # a notebook the study does not list: execute it here
-        papermill.execute_notebook(str(path), str(executed_path), kernel_name=KERNEL_NAME,
-                                   parameters={"runs_root": str(smoke_study / "runs")}, progress_bar=False)
+        execute(path.resolve(), executed_path, {"runs_root": str(smoke_study / "runs")})
     assert not error_outputs(nbformat.read(executed_path, as_version=4))
 
 
@@ -102,8 +100,7 @@ def test_boundary_margins_and_figures_written(smoke_study):
 
 def test_quickstart_notebook(tmp_path, one_torch_thread):
     output = tmp_path / "00-quickstart.ipynb"
-    papermill.execute_notebook("notebooks/00-quickstart.ipynb", str(output), kernel_name=KERNEL_NAME,
-                               parameters={"run_dir": str(tmp_path / "quickstart"), "smoke": True},
-                               progress_bar=False)
+    execute(Path("notebooks/00-quickstart.ipynb").resolve(), output,
+            {"run_dir": str(tmp_path / "quickstart"), "smoke": True})
     assert is_finished(tmp_path / "quickstart")
     assert not error_outputs(nbformat.read(output, as_version=4))

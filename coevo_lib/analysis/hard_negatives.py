@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from coevo_lib.accounting import THRESHOLDS
+from coevo_lib.escaping import markdown_block, markdown_code, markdown_text, one_line
 from coevo_lib.records import HARD_NEGATIVE_MIN
 
 GROUP = ["method", "agent", "source", "iteration"]
@@ -233,19 +234,23 @@ def instruction_of(messages: list[dict[str, str]], steps: int) -> str:
 
 
 def trajectory_markdown(title: str, episode: Any, max_observation: int = 160) -> list[str]:
-    """One trajectory as a numbered list of actions, each with the observation it produced."""
-    lines = [f"**{title}** (reward {episode['reward']:.2f}, {episode['steps']} steps)", ""]
+    """One trajectory as a numbered list of actions, each with the observation it produced.
+
+    Actions and observations are environment text: escaped (coevo_lib.escaping), so prices and
+    markup in observations render as written, not as LaTeX or emphasis."""
+    lines = [f"**{markdown_text(title)}** (reward {episode['reward']:.2f}, {episode['steps']} steps)", ""]
     messages = episode["messages"]
     for step, (index, action) in enumerate(zip(own_turns(messages, len(episode["actions"])), episode["actions"])):
-        after = messages[index + 1]["content"] if index + 1 < len(messages) else "(episode ends)"
-        lines.append(f"{step + 1}. `{action}` -> {' '.join(after.split())[:max_observation]}")
+        after = one_line(messages[index + 1]["content"], max_observation) if index + 1 < len(messages) else None
+        shown = markdown_text(after) if after is not None else "(episode ends)"
+        lines.append(f"{step + 1}. {markdown_code(action)} -> {shown}")
     return lines + [""]
 
 
 def episode_markdown(episode: Any, title: str = "Episode") -> str:
     """An Episode record (or a row of ``load_episodes(..., messages=True)``) as readable markdown."""
     row = asdict(episode) if is_dataclass(episode) else episode
-    return "\n".join(trajectory_markdown(title, row))
+    return markdown_block("\n".join(trajectory_markdown(title, row)))
 
 
 def triplets_markdown(triplets: list[dict[str, Any]]) -> str:
@@ -255,9 +260,10 @@ def triplets_markdown(triplets: list[dict[str, Any]]) -> str:
                 f"and a failure-agent failure with reward >= {HARD_NEGATIVE_MIN} on a task ETO also failed.\n")
     lines = ["# Matched triplets: expert / ETO failure / failure-agent hard negative", ""]
     for t in triplets:
-        lines += [f"## Task {t['task_id']} (seed {t['seed']}, iteration {t['iteration']})", "",
-                  f"> {' '.join(instruction_of(t['expert']['messages'], t['expert']['steps']).split())}", ""]
+        instruction = instruction_of(t["expert"]["messages"], t["expert"]["steps"])
+        lines += [f"## Task {markdown_text(t['task_id'])} (seed {t['seed']}, iteration {t['iteration']})", "",
+                  f"> {markdown_text(one_line(instruction))}", ""]
         lines += trajectory_markdown("Expert", t["expert"])
         lines += trajectory_markdown("ETO target failure", t["eto_failure"])
         lines += trajectory_markdown("coevo failure-agent hard negative", t["hard_negative"])
-    return "\n".join(lines)
+    return markdown_block("\n".join(lines))

@@ -71,13 +71,24 @@ def find_runs(runs_root: str | Path, finished_only: bool = True) -> list[Path]:
     return [r for r in runs if is_finished(r)] if finished_only else runs
 
 
+class NoRunsError(FileNotFoundError):
+    """No finished run where one was needed: the user's next step, not a bug.
+
+    A notebook cell that raises it shows this one line (IPython renders ``_render_traceback_`` instead of
+    a traceback) and stops there; the CLI prints it as a one-line error like any missing file.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
 def require_runs(runs_root: str | Path) -> list[Path]:
     """Finished runs under ``runs_root`` (resolved against the project root); an error says how to make some."""
     root = resolve_path(runs_root)
     runs = find_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no finished runs under {root}: run the demo study first (`make demo`, i.e. "
-                                "`coevo study configs/studies/demo.yaml`) or set the runs_root parameter")
+        raise NoRunsError(f"no finished runs under {root}: run the demo study first (`make demo`, i.e. "
+                          "`coevo study configs/studies/demo.yaml`) or set the runs_root parameter")
     return runs
 
 

@@ -161,7 +161,7 @@ def markdown_table(data: pd.DataFrame, digits: int = 3) -> str:
     """A GitHub markdown table (pandas' to_markdown needs tabulate, which coevo does not depend on)."""
     def cell(value) -> str:
         if not isinstance(value, float):
-            return str(value)
+            return str(value).replace("|", "\\|")  # a pipe would end the cell
         if math.isnan(value):
             return "-"
         if value.is_integer() or abs(value) >= 1000:
