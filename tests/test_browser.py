@@ -55,6 +55,9 @@ def lab(tmp_path_factory):
                f"--ServerApp.root_dir={project_root()}", "--LabApp.expose_app_in_browser=True",
                "--ContentsManager.allow_hidden=True",  # the smoke copy lives under .cache/ (ignored by git)
                f"--LabApp.workspaces_dir={state / 'workspaces'}", f"--LabApp.user_settings_dir={state / 'settings'}"]
+    news = state / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)  # no "get notified about Jupyter news?" toast over the screenshots
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with open(ARTIFACTS / "jupyterlab.log", "w") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -167,10 +170,8 @@ def test_quickstart_runs_in_jupyterlab(browser, lab, tmp_path):
     assert "$" in text and "Expert" in text
     typeset = page.locator(".jp-OutputArea-output:has(:is(mjx-container, .MathJax, .MathJax_Display))")
     assert typeset.count() == 0, f"LaTeX typeset in outputs: {typeset.all_inner_texts()}"
-    episodes.first.scroll_into_view_if_needed()
-    page.screenshot(path=str(ARTIFACTS / "00-quickstart-episode.png"))
-    bars.first.scroll_into_view_if_needed()
-    page.screenshot(path=str(ARTIFACTS / "00-quickstart-progress.png"))
+    episodes.first.scroll_into_view_if_needed()  # the expert episode, then the bars below it
+    page.screenshot(path=str(ARTIFACTS / "00-quickstart.png"))
 
 
 def git_status(path: str) -> str:

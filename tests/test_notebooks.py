@@ -7,6 +7,7 @@ call: it executes 10-run per entry and then every analysis notebook on those run
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -34,9 +35,24 @@ def test_there_are_notebooks():
                                            *(Path(n).name for n in ANALYSIS_NOTEBOOKS)}
 
 
+def in_git_checkout() -> bool:
+    return subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode == 0
+
+
+def as_committed(path: Path, as_path: Path | None = None) -> str:
+    """What `git add` stores for ``path`` (named ``as_path`` in the tree): the file through the checkout's
+    clean filter (nbstripout, installed by `make setup`), so outputs saved in JupyterLab stay local.
+    Outside a git checkout, the file itself."""
+    if not in_git_checkout():
+        return path.read_text()
+    blob = subprocess.run(["git", "hash-object", "-w", f"--path={as_path or path}", str(path)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    return subprocess.run(["git", "cat-file", "-p", blob], capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_notebook_is_clean_and_thin(path):
-    notebook = nbformat.read(path, as_version=4)
+    notebook = nbformat.reads(as_committed(path), as_version=4)
     tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{path}: exactly one cell must be tagged 'parameters', found {len(tagged)}"
     for cell in code_cells(notebook):
@@ -44,6 +60,24 @@ def test_committed_notebook_is_clean_and_thin(path):
         defines = [line for line in cell.source.splitlines() if line.lstrip().startswith(("def ", "class "))]
         assert not defines, f"{path}: logic belongs in coevo_lib, not in notebooks: {defines}"
     assert notebook.metadata.kernelspec.name == KERNEL_NAME
+
+
+def test_saving_a_notebook_never_dirties_git(tmp_path):
+    """A notebook saved with outputs, counts and the kernel's version is committed as the clean one."""
+    if not in_git_checkout():
+        pytest.skip("not a git checkout: nothing is committed from here")
+    attributes = subprocess.run(["git", "check-attr", "filter", "--", *map(str, NOTEBOOKS)], capture_output=True,
+                                text=True, check=True).stdout.splitlines()
+    assert all(line.endswith(": nbstripout") for line in attributes), attributes
+    configured = subprocess.run(["git", "config", "--get", "filter.nbstripout.clean"], capture_output=True)
+    assert configured.returncode == 0, "the nbstripout git filter is not installed: run `make setup` (make git-filter)"
+    original = NOTEBOOKS[0]
+    saved = nbformat.read(original, as_version=4)
+    for count, cell in enumerate(code_cells(saved), start=1):
+        cell.outputs, cell.execution_count = [nbformat.v4.new_output("stream", text="ran in JupyterLab\n")], count
+    saved.metadata["language_info"] = {"name": "python", "version": "3.11.2", "mimetype": "text/x-python"}
+    nbformat.write(saved, tmp_path / original.name)
+    assert as_committed(tmp_path / original.name, original) == as_committed(original)
 
 
 @pytest.fixture(scope="session")
