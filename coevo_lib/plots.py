@@ -215,13 +215,14 @@ def step_gaps(summary: pd.DataFrame) -> Figure:
     data = summary[summary["view"] == "step_gap"] if not summary.empty else summary
     if data.empty:
         return empty("no negatives that leave the expert path at a shared step")
-    methods = list(dict.fromkeys(data["method"]))
+    methods, labels = list(dict.fromkeys(data["method"])), sorted(data["source_label"].unique())
     figure, axes = panel_grid(len(methods), sharey=True)
     for ax, method in zip(axes, methods):
         for label, rows in data[data["method"] == method].groupby("source_label"):
             rows = rows.sort_values("iteration")
-            ax.errorbar(rows["iteration"], rows["mean"], yerr=rows["ci95"].fillna(0), marker="o", capsize=2,
-                        label=label, **source_style(label))
+            shift = 0.05 * (labels.index(label) - (len(labels) - 1) / 2)  # keeps overlapping intervals apart
+            ax.errorbar(rows["iteration"] + shift, rows["mean"], yerr=rows["ci95"].fillna(0), marker="o", ms=4,
+                        capsize=2, label=label, **source_style(label))
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set(title=method, xlabel="iteration", ylabel="step gap (nats)")
         iteration_ticks(ax, data["iteration"])
