@@ -38,6 +38,11 @@ git-filter: $(STAMP) ## nbstripout as this checkout's git filter: saving a noteb
 		git config filter.nbstripout.extrakeys "$(NBSTRIPOUT_EXTRA_KEYS)" && \
 		echo "nbstripout git filter installed (.gitattributes: *.ipynb)"; \
 	else echo "not a git checkout: nbstripout filter skipped"; fi
+	@# .venv's Jupyter server refreshes git's index after each save (coevo_lib/jupyter_hooks.py).
+	@# (config.d/ folders only carry server extensions: the hook goes in .venv's own server config file)
+	@mkdir -p $(VENV)/etc/jupyter
+	@echo '{"ContentsManager": {"post_save_hook": "coevo_lib.jupyter_hooks.refresh_git_index"}}' \
+		> $(VENV)/etc/jupyter/jupyter_server_config.json
 
 data: $(STAMP) ## build InterCode-SQL on SQLite from PyPI wheels (cached, checksummed)
 	$(BIN)/python -m coevo_lib.envs.sql_build

@@ -21,7 +21,7 @@ from tqdm.std import tqdm as text_tqdm
 
 MODE_VARIABLE = "COEVO_PROGRESS"
 MODES = ("auto", "widgets", "text")
-TEXT_INTERVAL_S = 10.0
+TEXT_INTERVAL_S = 30.0
 
 
 def progress_mode() -> str:
@@ -48,15 +48,17 @@ def has_ipywidgets() -> bool:
 
 
 class TextLines:
-    """A stream for tqdm that turns its carriage-return redraws into whole lines."""
+    """A stream for tqdm that turns its carriage-return redraws into whole lines (a repeat is dropped:
+    tqdm redraws the final state on close)."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.last = stream, None
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").strip()
-        if line:
+        if line and line != self.last:
             self.stream.write(line + "\n")
+            self.last = line
 
     def flush(self) -> None:
         self.stream.flush()
@@ -72,7 +74,7 @@ def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "it"):
     if sys.stderr.isatty():
         return text_tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True)
     return text_tqdm(total=total, desc=desc, initial=initial, unit=unit, file=TextLines(sys.stderr),
-                     mininterval=TEXT_INTERVAL_S, ncols=80, ascii=True)
+                     mininterval=TEXT_INTERVAL_S, maxinterval=2 * TEXT_INTERVAL_S, ncols=80, ascii=True)
 
 
 @contextmanager

@@ -92,7 +92,8 @@ def open_notebook(context, lab, relative_path: str):
     deadline = time.time() + LOAD_TIMEOUT_MS / 1000
     while True:  # the server may still be starting
         try:
-            page.goto(f"{base}/lab/tree/{relative_path}?token={token}", timeout=LOAD_TIMEOUT_MS)
+            # reset: a fresh workspace, so the notebook opened before is not restored as the current tab
+            page.goto(f"{base}/lab/tree/{relative_path}?reset&token={token}", timeout=LOAD_TIMEOUT_MS)
             break
         except Exception:  # noqa: BLE001 - connection refused until the server listens
             if time.time() > deadline:
@@ -174,16 +175,21 @@ def test_quickstart_runs_in_jupyterlab(browser, lab, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "00-quickstart.png"))
 
 
-def git_status(path: str) -> str:
+def git_status(path: str, refresh: bool = False) -> str:
+    """`git status` of one path as a user sees it; ``refresh`` first brings the index's stat data up to date
+    (a file rewritten with the same content would otherwise count as modified)."""
+    if refresh:
+        subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=project_root(), capture_output=True)
     return subprocess.run(["git", "status", "--porcelain", "--", path], cwd=project_root(), capture_output=True,
                           text=True, check=True).stdout
 
 
 def test_saving_a_tracked_notebook_keeps_git_clean(browser, lab):
-    """40-results run and saved in the lab: outputs land on disk, not in git (nbstripout filter)."""
+    """40-results run and saved in the lab: outputs land on disk, not in git (the nbstripout filter, and the
+    post-save hook that refreshes git's index: coevo_lib.jupyter_hooks)."""
     notebook = "notebooks/40-results.ipynb"
     path = project_root() / notebook
-    before, original = git_status(notebook), path.read_bytes()
+    before, original = git_status(notebook, refresh=True), path.read_bytes()
     try:
         page = open_notebook(browser, lab, notebook)
         run_all_and_save(page, stop_on_error=True)
