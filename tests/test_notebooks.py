@@ -114,6 +114,14 @@ def test_run_notebook_executed_into_its_run_dir(smoke_study, entry):
     assert any("image/png" in out.data for out in shown)  # the learning curves
     assert any("text/html" in out.data for out in shown)  # the tables
     assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in executed.cells)
+    # progress under papermill: plain text lines (training steps with the loss, rollouts), never widgets
+    outputs = [out for cell in code_cells(executed) if "api.run(" in cell.source for out in cell.outputs]
+    stderr = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
+    assert "target-it1: 100%" in stderr and "loss=" in stderr and "rollout target it1 train: 100%" in stderr
+    widgets = [out["data"].get("text/plain", "") for out in outputs
+               if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    # coevo's bars are text here; trl's own reference log-prob bar (tqdm.auto) may still be a widget
+    assert not [w for w in widgets if w.startswith(("sft", "rollout", "target-", "failure-"))], widgets
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name not in SELF_CONTAINED | {RUN_NOTEBOOK}],
