@@ -23,6 +23,7 @@ import nbformat
 import pytest
 
 from coevo_lib.analysis.loading import project_root
+from coevo_lib.jupyter_hooks import refresh_git_index
 
 pytestmark = pytest.mark.browser
 
@@ -201,4 +202,5 @@ def test_saving_a_tracked_notebook_keeps_git_clean(browser, lab):
         # without runs/demo the notebook stops at the one-line NoRunsError, never a traceback
         assert len(errors) <= 1 and all(e.startswith("NoRunsError") for e in errors), errors
     finally:
-        path.write_bytes(original)  # the working copy as it was (tests read committed notebooks from disk)
+        path.write_bytes(original)  # the working copy as it was
+        refresh_git_index({"type": "notebook"}, str(path))  # and git's record of its size
