@@ -146,3 +146,15 @@ def test_quickstart_notebook(tmp_path, one_torch_thread):
             {"run_dir": str(tmp_path / "quickstart"), "smoke": True})
     assert is_finished(tmp_path / "quickstart")
     assert not error_outputs(nbformat.read(output, as_version=4))
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name not in SELF_CONTAINED | {RUN_NOTEBOOK}],
+                         ids=lambda p: p.stem)
+def test_analysis_notebook_without_runs_stops_at_the_one_line_message(tmp_path, path, one_torch_thread):
+    """A fresh clone has no runs: each analysis notebook stops with NoRunsError (shown as one line), not a traceback."""
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError) as failure:
+        execute(path.resolve(), tmp_path / path.name, {"runs_root": str(tmp_path / "no-runs")})
+    assert failure.value.ename == "NoRunsError" and "no finished runs under" in failure.value.evalue
+    assert not (tmp_path / "no-runs").exists()

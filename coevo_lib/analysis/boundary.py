@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from coevo_lib.analysis.hard_negatives import first_divergence, own_turns
-from coevo_lib.analysis.loading import BOUNDARY_FILE, find_runs, run_info
+from coevo_lib.analysis.loading import BOUNDARY_FILE, require_runs, run_info
 from coevo_lib.analysis.negatives import (Negative, capped_per_source, compatible_runs, model_identity,
                                           natural_negatives, perturbed_negatives)
 from coevo_lib.pairs import make_pair
@@ -299,7 +299,5 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
 def compute_boundaries(runs_root: str | Path, force: bool = False,
                        max_negatives: int | None = MAX_NEGATIVES) -> list[Path]:
     """Margins for every finished run under ``runs_root``, each scored on the pooled negatives of all."""
-    runs = find_runs(runs_root)
-    if not runs:
-        raise FileNotFoundError(f"no finished runs under {runs_root}; run a study (`make demo`) first")
+    runs = require_runs(runs_root)  # NoRunsError: one line in a notebook, not a traceback
     return [compute_boundary(run, pool=runs, force=force, max_negatives=max_negatives) for run in runs]
