@@ -5,7 +5,7 @@ target's failure and the failure agent's hard negative side by side, turn by tur
     explorer.explore("runs/demo")          # any folder of finished runs, or one run directory
 
 The data comes from coevo_lib.analysis.episode_view (unit-tested without widgets); this module only
-wires ipywidgets (the ``lab`` extra) to it. The agent picker chooses whose failures list the tasks,
+wires ipywidgets (a core dependency) to it. The agent picker chooses whose failures list the tasks,
 closest to success first, so the first task shown for the failure agent is its best hard negative.
 """
 

@@ -1,7 +1,7 @@
 """Progress bars that suit where coevo runs: widgets in JupyterLab, text lines everywhere else.
 
 Rollouts, training stages and evaluations report through ``progress_bar``. In a Jupyter kernel
-with ipywidgets (the ``lab`` extra) that is tqdm's notebook bar; on a terminal it is tqdm's text
+with ipywidgets (a core dependency) that is tqdm's notebook bar; on a terminal it is tqdm's text
 bar; when nobody watches live (papermill, `coevo study`, a log file) it is one plain text line
 at most every ``TEXT_INTERVAL_S`` seconds plus a final one, so an executed notebook or a log keeps a
 readable record instead of carriage-return noise or a widget no one can render.
