@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from coevo_lib.escaping import one_line
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be turned into a valid config."""
@@ -394,9 +396,6 @@ def normalise_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[st
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({one_line(error)})") from None
     return parsed
 
-
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def set_dotted(raw: dict[str, Any], dotted_key: str, value: Any) -> None:

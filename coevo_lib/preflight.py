@@ -15,7 +15,8 @@ import re
 import socket
 from pathlib import Path
 
-from coevo_lib.config import ConfigError, EnvConfig, RunConfig, one_line
+from coevo_lib.config import ConfigError, EnvConfig, RunConfig
+from coevo_lib.escaping import one_line
 from coevo_lib.envs import EnvError, available_envs, make_env
 from coevo_lib.envs import _REGISTRY as ENV_REGISTRY
 

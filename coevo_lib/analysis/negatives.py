@@ -28,7 +28,7 @@ from typing import Any, Iterable, NamedTuple
 
 from coevo_lib.analysis.loading import EVAL_FILE, TRAIN_FILE, read_raw_config
 from coevo_lib.analysis.perturb import perturbed_episode
-from coevo_lib.records import HARD_NEGATIVE_MIN, Episode, read_episodes
+from coevo_lib.records import Episode, read_episodes
 
 SOURCES = ("greedy_eval", "sampled_target", "sampled_failure_agent", "perturbed_option", "perturbed_item")
 SAMPLED_AGENTS = {"target": "sampled_target", "failure": "sampled_failure_agent"}
@@ -150,9 +150,9 @@ def capped(negatives: list, max_negatives: int | None) -> list:
     """
     if max_negatives is None or len(negatives) <= max_negatives:
         return negatives
-    hard = sorted((i for i, n in enumerate(negatives) if HARD_NEGATIVE_MIN <= n[0].reward < 1.0),
+    hard = sorted((i for i, n in enumerate(negatives) if n[0].is_hard_negative),
                   key=lambda i: (-negatives[i][0].reward, i))
-    ordinary = [i for i, n in enumerate(negatives) if not HARD_NEGATIVE_MIN <= n[0].reward < 1.0]
+    ordinary = [i for i, n in enumerate(negatives) if not n[0].is_hard_negative]
     n_ordinary = min(len(ordinary), max_negatives - min(len(hard), (max_negatives + 1) // 2))
     chosen = ordinary[:n_ordinary] + hard[: max_negatives - n_ordinary]
     return [negatives[i] for i in sorted(chosen)]
