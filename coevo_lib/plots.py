@@ -41,6 +41,17 @@ def grid(rows: int, cols: int, width: float = 4.0, height: float = 3.0, **kwargs
     return figure, axes
 
 
+def panel_grid(count: int, cols: int = 3, width: float = 4.2, height: float = 3.2, **kwargs):
+    """Enough panels for ``count`` items in rows of at most ``cols``; spare panels hidden."""
+    cols = max(1, min(cols, count))
+    rows = -(-count // cols)
+    figure, axes = grid(rows, cols, width, height, **kwargs)
+    panels = list(axes.flat)
+    for ax in panels[count:]:
+        ax.set_visible(False)
+    return figure, panels
+
+
 def empty(message: str) -> Figure:
     """A figure that says why there is nothing to draw (better than a silently missing file)."""
     figure = NotebookFigure(figsize=(6, 1.5))
@@ -94,14 +105,14 @@ def threshold_curves(curve: pd.DataFrame) -> Figure:
     if curve.empty:
         return empty("no failed rollouts")
     iterations = sorted(curve["iteration"].unique())
-    figure, axes = grid(1, len(iterations), sharey=True)
-    for ax, iteration in zip(axes[0], iterations):
+    figure, axes = panel_grid(len(iterations), 2, 4.0, 3.0, sharey=True)
+    for ax, iteration in zip(axes, iterations):
         for (source, method, agent), data in curve[curve["iteration"] == iteration].groupby(
                 ["source", "method", "agent"]):
             ax.plot(data["threshold"], data["share"], marker="o", color=color(method),
                     ls=AGENT_STYLES.get(agent, "-."), label=source)
         ax.set(title=f"iteration {iteration}", xlabel="threshold t", ylabel="share of failures with r >= t")
-    axes[0, -1].legend(fontsize=7)
+    axes[len(iterations) - 1].legend(fontsize=7)
     return figure
 
 
@@ -172,14 +183,14 @@ def collapse_monitor(monitor: pd.DataFrame) -> Figure:
     panels = [("success_rate", "own success rate"), ("distinct_share", "distinct failures / failures"),
               ("mean_pairwise_distance", "mean pairwise edit distance"),
               ("mean_target_distance", "edit distance to target's failure")]
-    figure, axes = grid(1, 4, 3.4, 3.0)
-    for ax, (column, title) in zip(axes[0], panels):
+    figure, axes = panel_grid(len(panels), 2, 3.8, 3.0)
+    for ax, (column, title) in zip(axes, panels):
         for (run, method, agent), data in monitor.groupby(["run", "method", "agent"]):
             data = data.sort_values("iteration")
             ax.plot(data["iteration"], data[column], marker="o", color=color(method), label=f"{run} ({agent})")
         ax.set(title=title, xlabel="iteration", ylim=(-0.02, 1.02))
         iteration_ticks(ax, monitor["iteration"])
-    axes[0, -1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     return figure
 
 
@@ -197,17 +208,6 @@ def source_style(label: str) -> dict:
     """Colour by source; dashed when the scored checkpoint generated the negatives itself."""
     source = label.split(",")[0]
     return {"color": SOURCE_COLORS.get(source, "#7f7f7f"), "ls": "--" if label.endswith(", self") else "-"}
-
-
-def panel_grid(count: int, cols: int = 3, width: float = 4.2, height: float = 3.2, **kwargs):
-    """Enough panels for ``count`` items in rows of at most ``cols``; spare panels hidden."""
-    cols = max(1, min(cols, count))
-    rows = -(-count // cols)
-    figure, axes = grid(rows, cols, width, height, **kwargs)
-    panels = list(axes.flat)
-    for ax in panels[count:]:
-        ax.set_visible(False)
-    return figure, panels
 
 
 def step_gaps(summary: pd.DataFrame) -> Figure:
@@ -325,7 +325,7 @@ def preference_accuracy(accuracy: pd.DataFrame) -> Figure:
     """Greedy evaluation negatives: share ranked correctly per view; solid = hard negatives, dashed = ordinary."""
     if accuracy.empty:
         return empty("no decision-boundary records")
-    figure, axes = panel_grid(len(HEADLINE_VIEWS), 4, 3.6, 3.0, sharey=True)
+    figure, axes = panel_grid(len(HEADLINE_VIEWS), 2, 3.8, 3.0, sharey=True)
     for ax, (view, title) in zip(axes, HEADLINE_VIEWS.items()):
         for (method, negative_class), data in accuracy.groupby(["method", "negative_class"], sort=False):
             data = data.sort_values("iteration")
@@ -345,8 +345,8 @@ def margin_vs_reward(margins: pd.DataFrame) -> Figure:
     views = [v for v in ("step_gap", "loglik_margin_per_token", "loglik_margin") if margins[v].notna().any()]
     if not views:
         return empty("no margins in the decision-boundary records")
-    figure, axes = grid(1, len(views), 4.2, 3.4)
-    for ax, view in zip(axes[0], views):
+    figure, axes = panel_grid(len(views), 2, 4.2, 3.4)
+    for ax, view in zip(axes, views):
         for method, data in margins.dropna(subset=[view]).groupby("method", sort=False):
             # Faint points show the spread; the line joins the mean margin per reward bin of 0.05, since
             # many methods overlap on the few reward levels a task's reward can take.
@@ -356,7 +356,7 @@ def margin_vs_reward(margins: pd.DataFrame) -> Figure:
         ax.axhline(0.0, color="black", lw=0.8)
         ax.axvline(0.6, color="black", lw=0.8, ls=":")
         ax.set(title=VIEW_TITLES[view], xlabel="negative's reward", ylabel="nats")
-    axes[0, -1].legend(fontsize=8)
+    axes[len(views) - 1].legend(fontsize=8)
     return figure
 
 
@@ -366,8 +366,8 @@ def compute_bars(compute: pd.DataFrame) -> Figure:
         return empty("no metrics")
     panels = [("rollout_tokens", "rollout tokens generated"), ("eval_tokens", "evaluation tokens generated"),
               ("tokens_trained", "tokens trained"), ("wall_min", "wall time (min)")]
-    figure, axes = grid(1, 4, 3.2, 3.0)
-    for ax, (column, title) in zip(axes[0], panels):
+    figure, axes = panel_grid(len(panels), 2, 3.6, 3.0)
+    for ax, (column, title) in zip(axes, panels):
         ax.bar(compute["method"], compute[column], color=[color(m) for m in compute["method"]])
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
