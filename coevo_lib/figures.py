@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # files only; must precede any pyplot import (there is no
 import pandas as pd  # noqa: E402
 
 from coevo_lib import plots  # noqa: E402
-from coevo_lib.analysis import boundary_views, hard_negatives, loading, tables  # noqa: E402
+from coevo_lib.analysis import boundary_views, hard_negatives, loading, paired, tables  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ class Frames:
     @cached_property
     def info(self) -> pd.DataFrame:
         return loading.runs_table(self.runs)
+
+    @cached_property
+    def paired_summary(self) -> pd.DataFrame:
+        return paired.paired_differences(paired.load_task_scores(self.runs))
 
     @cached_property
     def metrics(self) -> pd.DataFrame:
@@ -87,6 +91,14 @@ def md(frame: pd.DataFrame) -> str:
 
 
 PRODUCTS = [
+    Product("paired_differences.png", "Headline: each method minus each reference (sft, eto, eto_sft) on the same "
+            "seed's test tasks, per split, reward (x100) and success (%): paired 95% intervals (random-effects "
+            "model over seeds x tasks), grey band = the minimum detectable effect (80% power); a hollow dot = "
+            "every task scored the same difference (no width, which is not certainty).",
+            lambda f: plots.paired_differences(f.paired_summary)),
+    Product("paired_differences.md", "The numbers behind paired_differences.png: difference [95% CI], minimum "
+            "detectable effect, the unpaired half-width for contrast, seeds, tasks and the interval's design.",
+            lambda f: paired.differences_markdown(f.paired_summary)),
     Product("learning_curves.png", "Evaluation reward (x100) per iteration and test split; mean over seeds, "
             "band = 95% t-interval.", lambda f: plots.learning_curves(tables.learning_curves(f.evals))),
     Product("main_table.md", "Final evaluation reward (x100) per method and split: mean ± 95% CI (n seeds).",

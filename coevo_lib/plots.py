@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from coevo_lib.analysis import paired
+
 METHOD_COLORS = {"sft": "#7f7f7f", "rft": "#bcbd22", "best_of_n": "#17becf", "eto": "#1f77b4",
                  "eto_sft": "#9edae5", "coevo": "#d62728", "coevo_frozen_failure": "#ff7f0e",
                  "positive_agent": "#2ca02c"}
@@ -78,6 +80,29 @@ def learning_curves(curves: pd.DataFrame, metric: str = "reward (x100)") -> Figu
         ax.set(title=split, xlabel="iteration", ylabel=metric)
         iteration_ticks(ax, curves["iteration"])
     axes[0, -1].legend(fontsize=8)
+    return figure
+
+
+def paired_differences(summary: pd.DataFrame) -> Figure:
+    """Method - reference per row (analysis.paired): 95% interval, grey = +-MDE, hollow = every task tied."""
+    if summary.empty:
+        return empty(paired.NO_COMPARISON)
+    splits, labels = sorted(summary["split"].unique()), list(dict.fromkeys(summary["comparison"]))
+    panels = [(metric, split) for metric in dict.fromkeys(summary["metric"]) for split in splits]
+    figure, axes = panel_grid(len(panels), len(splits), 4.6, 0.3 * len(labels) + 1.4, sharey=True)
+    for index, (ax, (metric, split)) in enumerate(zip(axes, panels)):
+        rows = summary[(summary["metric"] == metric) & (summary["split"] == split)]
+        y = np.array([labels.index(c) for c in rows["comparison"]])
+        ax.barh(y, 2 * rows["mde"], left=-rows["mde"], height=0.7, color="#e4e4e4", label="± MDE (80% power)")
+        for yi, row in zip(y, rows.itertuples()):
+            ax.errorbar(row.difference, yi, xerr=[[row.difference - row.ci_low], [row.ci_high - row.difference]],
+                        fmt="o", ms=4, capsize=3, color=color(row.method), mfc="white" if row.se == 0 else None)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.tick_params(axis="y", labelleft=index % len(splits) == 0)
+        ax.set(title=f"{split}: {metric}", xlabel=f"difference in {paired.METRICS[metric]}, 95% CI")
+    axes[0].invert_yaxis()  # first comparison on top, as in the table (shared y: once)
+    figure_legend(figure, axes[:1], ncols=1)
     return figure
 
 

@@ -26,9 +26,11 @@ def t_critical(df: int) -> float:
     """t(0.975, df): the table up to 30, then the Cornish-Fisher expansion (error < 1e-4 there)."""
     if df < 1:
         raise ValueError(f"a t-interval needs at least 2 values (df >= 1), got df={df}")
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = Z_975
+    return T_975[df - 1] if df <= len(T_975) else t_from_normal_quantile(Z_975, df)
+
+
+def t_from_normal_quantile(z: float, df: float) -> float:
+    """Student t's quantile from the normal one z, Cornish-Fisher (Abramowitz & Stegun 26.7.5); for df > 30."""
     return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
             + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
 
