@@ -143,9 +143,70 @@ class PromptConfig:
         require_positive(self, "max_prompt_tokens")
 
 
+ROLLOUT_BACKENDS = ("hf", "vllm", "openai")
+ROLLOUT_SCHEDULES = ("auto", "lockstep", "async")
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM OpenAI-compatible server coevo starts (rollout.backend = vllm), once per run."""
+
+    python: str | None = field(
+        default=None,
+        metadata={"help": "python of vLLM's own venv (default: $COEVO_VLLM_PYTHON, else .venv-vllm; `make vllm`)"},
+    )
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = field(default=1, metadata={"help": "engine replicas behind the one server (GPUs)"})
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "default: prompt.max_prompt_tokens (prompt plus reply always fit in it)"}
+    )
+    kv_cache_gib: int = field(default=2, metadata={"help": "CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)"})
+    start_timeout_s: float = field(default=900.0, metadata={"help": "start to ready, before it counts as hung"})
+    extra_args: list[str] = field(default_factory=list, metadata={"help": "passed through to vLLM's api_server"})
+
+    def __post_init__(self) -> None:
+        require_positive(self, "tensor_parallel_size", "data_parallel_size", "kv_cache_gib", "start_timeout_s")
+        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization,
+                "in (0, 1]")
+        require(self.max_model_len is None or self.max_model_len > 0, "max_model_len", self.max_model_len,
+                "> 0 or null")
+
+
+@dataclass
+class OpenAIEndpointsConfig:
+    """OpenAI-compatible servers the user already runs (rollout.backend = openai)."""
+
+    urls: list[str] = field(
+        default_factory=list,
+        metadata={"help": "base URLs ending in /v1; several = data parallel, each request to the least loaded"},
+    )
+    model: str | None = field(default=None, metadata={"help": "model name in requests (default: the served one)"})
+    api_key_env: str | None = field(default=None, metadata={"help": "environment variable holding the API key"})
+    retries: int = field(default=3, metadata={"help": "attempts per request on a failing endpoint before giving up"})
+
+    def __post_init__(self) -> None:
+        require(self.retries >= 1, "retries", self.retries, ">= 1")
+        for url in self.urls:
+            require(url.startswith(("http://", "https://")), "urls", url, "http(s) URLs such as http://host:8000/v1")
+
+
 @dataclass
 class RolloutConfig:
+    backend: str = field(
+        default="hf",
+        metadata={"help": "hf (transformers in this process) | vllm (coevo serves each checkpoint with vLLM) | "
+                          "openai (endpoints in rollout.openai.urls)"},
+    )
+    schedule: str = field(
+        default="auto",
+        metadata={"help": "lockstep (batches of batch_size advance turn by turn; hf only, exactly reproducible) | "
+                          "async (each episode sends its next request when its own step is done) | auto: "
+                          "lockstep on hf, async otherwise"},
+    )
     batch_size: int = field(default=32, metadata={"help": "episodes generated in lockstep"})
+    max_concurrent: int = field(default=32, metadata={"help": "async: episodes in flight at once"})
+    request_timeout_s: float = field(default=600.0, metadata={"help": "async: a request slower than this is a hang"})
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
@@ -153,12 +214,25 @@ class RolloutConfig:
     max_tasks: int | None = field(
         default=None, metadata={"help": "cap on training tasks rolled out per iteration (SFT always uses every expert)"}
     )
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    openai: OpenAIEndpointsConfig = field(default_factory=OpenAIEndpointsConfig)
 
     def __post_init__(self) -> None:
-        require_positive(self, "batch_size", "max_new_tokens", "samples_per_task")
+        require_choice("backend", self.backend, ROLLOUT_BACKENDS)
+        require_choice("schedule", self.schedule, ROLLOUT_SCHEDULES)
+        require(self.backend == "hf" or self.schedule != "lockstep", "schedule", self.schedule,
+                f"async or auto with backend {self.backend} (lockstep batches are the in-process hf path)")
+        require(self.backend != "openai" or bool(self.openai.urls), "backend", self.backend,
+                "openai with at least one URL in rollout.openai.urls")
+        require_positive(self, "batch_size", "max_concurrent", "request_timeout_s", "max_new_tokens",
+                         "samples_per_task")
         require(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
         require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         require(self.max_tasks is None or self.max_tasks > 0, "max_tasks", self.max_tasks, "> 0 or null")
+
+    @property
+    def is_async(self) -> bool:
+        return self.schedule == "async" or (self.schedule == "auto" and self.backend != "hf")
 
 
 @dataclass

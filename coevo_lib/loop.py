@@ -25,6 +25,7 @@ from coevo_lib.models import create_base_agent, load_model, load_tokenizer, save
 from coevo_lib.pairs import eto_pairs, expert_pairs, failure_pairs, target_pairs
 from coevo_lib.records import Episode, Pair, read_episodes, read_pairs, write_json_atomic, write_jsonl_atomic
 from coevo_lib.rollout import HFGenerator, TaskRef, expand_tasks, expert_episode, rollout
+from coevo_lib.rollout_service import RolloutService
 from coevo_lib.runs import RunDir, atomic_dir
 from coevo_lib.train import train_dpo, train_sft
 from coevo_lib.train.launch import run_stage, section_config
@@ -39,6 +40,7 @@ class Workbench:
         self.config, self.run_dir = config, run
         self.env: TextEnv = make_env(config.env.name, **config.env.kwargs)
         self._pool: list[TextEnv] = []
+        self.rollouts = RolloutService(config, run.sub("serving"))
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -55,12 +57,12 @@ class Workbench:
         return result
 
     def pool(self) -> list[TextEnv]:
-        if not self._pool:
-            self._pool = [self.env] + [
-                make_env(self.config.env.name, **self.config.env.kwargs)
-                for _ in range(self.config.rollout.batch_size - 1)
-            ]
-        return self._pool
+        """One environment per episode in flight: batch_size in lockstep, max_concurrent when async."""
+        rollout = self.config.rollout
+        size = rollout.max_concurrent if rollout.is_async else rollout.batch_size
+        self._pool = self._pool or [self.env]
+        self._pool += [make_env(self.config.env.name, **self.config.env.kwargs) for _ in range(size - len(self._pool))]
+        return self._pool[:size]
 
     def checkpoint(self, agent: str, iteration: int) -> str:
         """The agent's weights after ``iteration`` (0 = the shared SFT model)."""
@@ -79,6 +81,7 @@ class Workbench:
         return {ep.task_id: ep for ep in read_episodes(self.run_dir.episodes("expert"))}
 
     def close(self) -> None:
+        self.rollouts.close()
         for env in self._pool or [self.env]:
             env.close()
 
@@ -179,11 +182,17 @@ class Workbench:
         return {**stats, "launcher": self.config.train.launcher}
 
     def roll(self, agent: str, checkpoint: str, iteration: int, refs: list[TaskRef], temperature: float,
-             kind: str) -> list[Episode]:
+             kind: str) -> tuple[list[Episode], dict[str, Any]]:
+        """Episodes of ``agent`` at ``checkpoint`` on ``refs`` (resumed from its file), and engine statistics."""
         out = self.run_dir.episodes(f"it{iteration}-{kind}-{agent}")
-        return rollout(self.pool(), refs, self.generator(checkpoint), agent=agent, iteration=iteration,
-                       prompt=self.config.prompt, seed=self.config.seed, temperature=temperature,
-                       out_path=out, kind=kind)
+        if self.config.rollout.is_async:
+            task = self.rollouts.task(agent, iteration, kind, temperature)
+            return self.rollouts.rollout(self.pool(), refs, checkpoint, task, out)
+        start = time.perf_counter()
+        episodes = rollout(self.pool(), refs, self.generator(checkpoint), agent=agent, iteration=iteration,
+                           prompt=self.config.prompt, seed=self.config.seed, temperature=temperature,
+                           out_path=out, kind=kind)
+        return episodes, {"backend": "hf", "schedule": "lockstep", "wall_s": round(time.perf_counter() - start, 3)}
 
     def rollout_stage(self, agent: str, iteration: int, samples: int | None = None) -> list[Episode]:
         """Roll out ``agent`` (as of the start of ``iteration``) on the training tasks; logged with accounting."""
@@ -191,8 +200,12 @@ class Workbench:
         refs = expand_tasks(self.train_tasks(), "train", samples or self.config.rollout.samples_per_task)
         checkpoint = self.checkpoint(agent, iteration - 1)
         temperature = self.config.rollout.temperature
-        self.stage(name, lambda: rollout_accounting(self.roll(agent, checkpoint, iteration, refs, temperature,
-                                                              "train")), iteration=iteration, agent=agent)
+
+        def compute() -> dict[str, Any]:
+            episodes, engine = self.roll(agent, checkpoint, iteration, refs, temperature, "train")
+            return {**rollout_accounting(episodes), "engine": engine}
+
+        self.stage(name, compute, iteration=iteration, agent=agent)
         return read_episodes(self.run_dir.episodes(f"it{iteration}-train-{agent}"))
 
     def pairs_stage(self, name: str, iteration: int, build: Callable[[], list[Pair]]) -> list[Pair]:
@@ -239,7 +252,8 @@ class Workbench:
         metrics: dict[str, Any] = {}
         for split in self.config.eval.splits:
             refs = expand_tasks(self.env.task_ids(split)[: self.config.eval.max_tasks], split, samples)
-            episodes = self.roll("target", checkpoint, iteration, refs, temperature, f"eval-{split}")
+            episodes, metrics[f"{split}_engine"] = self.roll("target", checkpoint, iteration, refs, temperature,
+                                                              f"eval-{split}")
             summary = best_of_n_metrics(episodes) if best_of_n else split_metrics(episodes)
             metrics.update({f"{split}_{key}": value for key, value in summary.items()})
             metrics[f"{split}_tokens_generated"] = sum(ep.tokens_generated for ep in episodes)

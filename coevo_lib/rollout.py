@@ -81,28 +81,36 @@ class HFGenerator:
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return render_ids(self.tokenizer, messages, add_generation_prompt=True)
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], temperature: float, seed: int) -> list[tuple[str, int]]:
+        """Lockstep sampling: one global seed for the whole batch (exactly reproducible batch by batch)."""
         torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": self.config.top_p}
+        rows = self.generate_ids(prompts, **(sampling if temperature > 0 else {"do_sample": False}))
+        return [self.decode(row) for row in rows]
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], logits_processor=None, **sampling) -> list[list[int]]:
+        """New token ids of each prompt (left padded into one batch), stop and pad tokens included."""
         batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": self.config.top_p}
         # A static cache writes each new key/value in place; the default dynamic cache concatenates,
         # copying the whole cache every token, which made batched decoding copy-bound on CPU.
         output = self.model.generate(
             **batch, max_new_tokens=self.config.max_new_tokens, eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id, cache_implementation="static",
-            **(sampling if temperature > 0 else {"do_sample": False}),
+            logits_processor=logits_processor, **(sampling or {"do_sample": False}),
         )
-        new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-        return [self.decode(row) for row in new_tokens]
+        return output[:, batch["input_ids"].shape[1]:].tolist()
+
+    def cut_at_stop(self, row: list[int]) -> tuple[list[int], bool]:
+        """The tokens before the first stop token, and whether a stop token ended the reply."""
+        cut = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+        return (row, False) if cut is None else (row[:cut], True)
 
     def decode(self, row: list[int]) -> tuple[str, int]:
         """Text up to (not including) the first stop token, and the number of tokens generated."""
-        cut = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
-        kept = row if cut is None else row[:cut]
-        return self.tokenizer.decode(kept, skip_special_tokens=True), len(kept) + (cut is not None)
-
+        kept, stopped = self.cut_at_stop(row)
+        return self.tokenizer.decode(kept, skip_special_tokens=True), len(kept) + stopped
 
 def chunk_seed(seed: int, agent: str, iteration: int, chunk: int) -> int:
     # crc32, not hash(): Python salts string hashes per process, which would break resume.

@@ -50,7 +50,8 @@ def kill_when(run_dir: Path, ready) -> None:
 
 def stable_metrics(run_dir: Path) -> list[dict]:
     def clean(row):
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items() if k not in VOLATILE}
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()
+                if k not in VOLATILE and not k.endswith("engine")}  # engine: timings and throughput
     return [clean(row) for row in read_jsonl(run_dir / "metrics.jsonl")]
 
 

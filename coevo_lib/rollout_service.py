@@ -1,0 +1,133 @@
+"""The rollout backend of one run, chosen by ``rollout.backend`` and kept for the run's whole life.
+
+A run rolls out several checkpoints (the shared SFT model, then each agent after each iteration).
+With ``vllm`` the server starts once, at the first rollout, and later checkpoints are loaded into the
+running engine (coevo_lib.serving); with ``openai`` the user's endpoints get the same weight loads;
+with ``hf`` the model of the current checkpoint is loaded in this process. Start, swap and restart
+costs are counted and returned with each rollout's statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from coevo_lib.backends import HFBatcher, HTTPBackend, RolloutEngineError, api_key
+from coevo_lib.config import RunConfig
+from coevo_lib.engine import RolloutTask, rollout_async
+from coevo_lib.envs.base import TextEnv
+from coevo_lib.models import load_model, load_tokenizer, stop_token_ids
+from coevo_lib.records import Episode
+from coevo_lib.rollout import HFGenerator, TaskRef
+
+log = logging.getLogger(__name__)
+
+
+class RolloutService:
+    def __init__(self, config: RunConfig, log_dir: Path):
+        self.config, self.log_dir = config, log_dir
+        self.checkpoint: str | None = None
+        self.hf: HFGenerator | None = None
+        self.server = None  # coevo_lib.serving.VLLMServer, started at the first vllm rollout
+        self.costs: dict[str, float] = {}
+
+    # -- one rollout ----------------------------------------------------------------------------
+
+    def rollout(self, envs: list[TextEnv], refs: list[TaskRef], checkpoint: str, task: RolloutTask,
+                out_path: Path | None) -> tuple[list[Episode], dict[str, Any]]:
+        self.costs = {}
+        self.serve(checkpoint)
+        tokenizer = load_tokenizer(checkpoint)
+        episodes, stats = rollout_async(envs, refs, self.backend_factory(tokenizer), tokenizer, task, out_path)
+        if self.server is not None:
+            stats.update(self.server.prefix_cache_stats())
+            stats["engine_restarts"] = self.server.restarts
+        return episodes, {"backend": self.config.rollout.backend, **stats, **self.costs}
+
+    def task(self, agent: str, iteration: int, kind: str, temperature: float) -> RolloutTask:
+        return RolloutTask(agent=agent, iteration=iteration, kind=kind, prompt=self.config.prompt,
+                           seed=self.config.seed, temperature=temperature,
+                           max_new_tokens=self.config.rollout.max_new_tokens,
+                           max_prompt_tokens=self.config.prompt.max_prompt_tokens)
+
+    def backend_factory(self, tokenizer) -> Callable[[], Any]:
+        rollout = self.config.rollout
+        if rollout.backend == "hf":
+            return lambda: HFBatcher(self.hf, max_batch=rollout.max_concurrent)
+        stop_ids = stop_token_ids(tokenizer)
+        if rollout.backend == "vllm":
+            return lambda: HTTPBackend([self.server.base_url], self.server.served_name, rollout, stop_ids,
+                                       retries=3, recover=self.recover_server)
+        key = api_key(rollout.openai.api_key_env)
+        return lambda: HTTPBackend(rollout.openai.urls, self.openai_model(), rollout, stop_ids,
+                                   retries=rollout.openai.retries, api_key=key, recover=self.wait_for_endpoint)
+
+    # -- weights ----------------------------------------------------------------------------------
+
+    def serve(self, checkpoint: str) -> None:
+        """Make ``checkpoint`` the weights every request of the next rollout is answered by."""
+        if checkpoint == self.checkpoint and (self.server is None or self.server.alive()):
+            return
+        start = time.perf_counter()
+        backend = self.config.rollout.backend
+        if backend == "hf":
+            self.hf = HFGenerator(load_model(checkpoint, self.config.model).eval(), load_tokenizer(checkpoint),
+                                  self.config.rollout, self.config.prompt.max_prompt_tokens)
+            self.costs["model_load_s"] = round(time.perf_counter() - start, 3)
+        elif backend == "vllm" and self.server is None:
+            self.server = self.start_server(checkpoint)
+            self.costs["engine_start_s"] = round(time.perf_counter() - start, 3)
+        elif backend == "vllm":
+            self.costs["weight_swap_s"] = round(self.server.swap_weights(checkpoint), 3)
+        else:
+            from coevo_lib.serving import swap_weights_at
+
+            for url in self.config.rollout.openai.urls:
+                swap_weights_at(url, checkpoint)
+            self.costs["weight_swap_s"] = round(time.perf_counter() - start, 3)
+        self.checkpoint = checkpoint
+
+    def start_server(self, checkpoint: str):
+        from coevo_lib.serving import VLLMServer, vllm_python
+
+        vllm = self.config.rollout.vllm
+        server = VLLMServer(
+            checkpoint, self.log_dir / "vllm.log", python=vllm_python(vllm.python), seed=self.config.seed,
+            max_model_len=vllm.max_model_len or self.config.prompt.max_prompt_tokens,
+            tensor_parallel_size=vllm.tensor_parallel_size, data_parallel_size=vllm.data_parallel_size,
+            gpu_memory_utilization=vllm.gpu_memory_utilization, kv_cache_gib=vllm.kv_cache_gib,
+            start_timeout_s=vllm.start_timeout_s, extra_args=vllm.extra_args,
+        )
+        log.info("vLLM server started in %.1f s (%s)", server.start(), server.base_url)
+        return server
+
+    def recover_server(self, url: str) -> list[str]:
+        """A request to coevo's server failed: restart it if it died or hangs, with the current weights."""
+        if not self.server.alive():
+            log.warning("vLLM server at %s is down: restarting it (log: %s)", url, self.server.log_path)
+            self.server.restart()
+        return [self.server.base_url]
+
+    def wait_for_endpoint(self, url: str) -> list[str]:
+        # Not coevo's process: nothing to restart; give it a moment before the retry.
+        time.sleep(2.0)
+        return self.config.rollout.openai.urls
+
+    def openai_model(self) -> str:
+        if self.config.rollout.openai.model:
+            return self.config.rollout.openai.model
+        from coevo_lib.serving import served_model
+
+        try:
+            return served_model(self.config.rollout.openai.urls[0])
+        except Exception as error:  # noqa: BLE001 - any failure to ask is the same failure for the user
+            raise RolloutEngineError(f"cannot ask {self.config.rollout.openai.urls[0]} for its model: {error}; "
+                                     "set rollout.openai.model") from error
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.hf = None
