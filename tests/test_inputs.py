@@ -34,7 +34,7 @@ BAD_OVERRIDES = [
     ("loop.failure_dpo.lambda_dpo=0", "'loop.failure_dpo.lambda_dpo'"),  # no loss term left; full key named
     ("loop.failure_dpo.beta=-0.1", "'loop.failure_dpo.beta' must be > 0"),
     ("model.device=gpu", "'model.device' must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
-    ("model.tiny.hidden_size=90", "'model.tiny.hidden_size' must be a multiple of num_heads (4), got 90"),
+    ("model.tiny.hidden_size=91", "'model.tiny.hidden_size' must be a multiple of num_heads (3), got 91"),
     ("seed=-1", "'seed' must be >= 0, got -1"),
     ("rollout.temprature=0.5", "unknown config key 'rollout.temprature'"),
     ("rollout.temperature=[", "override 'rollout.temperature=[': the value is not valid YAML"),
