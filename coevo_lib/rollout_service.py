@@ -18,7 +18,7 @@ from coevo_lib.backends import HFBatcher, HTTPBackend, RolloutEngineError, api_k
 from coevo_lib.config import RunConfig
 from coevo_lib.engine import RolloutTask, rollout_async
 from coevo_lib.envs.base import TextEnv
-from coevo_lib.models import load_model, load_tokenizer, stop_token_ids
+from coevo_lib.models import load_model, load_tokenizer, resolve_device, resolve_dtype, stop_token_ids
 from coevo_lib.records import Episode
 from coevo_lib.rollout import HFGenerator, TaskRef
 
@@ -40,9 +40,10 @@ class RolloutService:
         self.costs = {}
         self.serve(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
+        before = self.server.prefix_cache_stats() if self.server else None
         episodes, stats = rollout_async(envs, refs, self.backend_factory(tokenizer), tokenizer, task, out_path)
         if self.server is not None:
-            stats.update(self.server.prefix_cache_stats())
+            stats.update(prefix_cache_delta(before, self.server.prefix_cache_stats()))
             stats["engine_restarts"] = self.server.restarts
         return episodes, {"backend": self.config.rollout.backend, **stats, **self.costs}
 
@@ -72,20 +73,21 @@ class RolloutService:
             return
         start = time.perf_counter()
         backend = self.config.rollout.backend
+        served = str(Path(checkpoint).resolve())  # servers run in their own working directory
         if backend == "hf":
             self.hf = HFGenerator(load_model(checkpoint, self.config.model).eval(), load_tokenizer(checkpoint),
                                   self.config.rollout, self.config.prompt.max_prompt_tokens)
             self.costs["model_load_s"] = round(time.perf_counter() - start, 3)
         elif backend == "vllm" and self.server is None:
-            self.server = self.start_server(checkpoint)
+            self.server = self.start_server(served)
             self.costs["engine_start_s"] = round(time.perf_counter() - start, 3)
         elif backend == "vllm":
-            self.costs["weight_swap_s"] = round(self.server.swap_weights(checkpoint), 3)
+            self.costs["weight_swap_s"] = round(self.server.swap_weights(served), 3)
         else:
             from coevo_lib.serving import swap_weights_at
 
             for url in self.config.rollout.openai.urls:
-                swap_weights_at(url, checkpoint)
+                swap_weights_at(url, served)
             self.costs["weight_swap_s"] = round(time.perf_counter() - start, 3)
         self.checkpoint = checkpoint
 
@@ -95,6 +97,9 @@ class RolloutService:
         vllm = self.config.rollout.vllm
         server = VLLMServer(
             checkpoint, self.log_dir / "vllm.log", python=vllm_python(vllm.python), seed=self.config.seed,
+            # The hf path's dtype (fp32 on CPU): vLLM's "auto" runs an fp32 model in bf16 on CPU, and the two
+            # backends should answer alike; --dtype in extra_args overrides it (they come last).
+            dtype=str(resolve_dtype(self.config.model, resolve_device(self.config.model))).removeprefix("torch."),
             max_model_len=vllm.max_model_len or self.config.prompt.max_prompt_tokens,
             tensor_parallel_size=vllm.tensor_parallel_size, data_parallel_size=vllm.data_parallel_size,
             gpu_memory_utilization=vllm.gpu_memory_utilization, kv_cache_gib=vllm.kv_cache_gib,
@@ -131,3 +136,13 @@ class RolloutService:
             self.server.stop()
             self.server = None
         self.hf = None
+
+
+def prefix_cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """This rollout's share of the server's cumulative prefix-cache counters (tokens)."""
+    if after["prefix_cache_queries"] < before["prefix_cache_queries"]:  # the server restarted: counters reset
+        before = {"prefix_cache_queries": 0.0, "prefix_cache_hits": 0.0}
+    queries = after["prefix_cache_queries"] - before["prefix_cache_queries"]
+    hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    return {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": round(hits / queries, 4) if queries > 0 else None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -28,3 +29,5 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning()
     datasets.disable_progress_bars()
+    # httpx logs every request at INFO: one line per turn of every episode on the vllm/openai backends.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from coevo_lib.config import TinyModelConfig
@@ -55,3 +57,16 @@ def shop_pairs() -> list[Pair]:
                                                    ("click[B0BBBB]", "blue mug [Buy Now]"), ("click[buy now]", "")],
                            0.5)
     return [make_pair("eto", expert, failure), make_pair("eto", expert, failure)]
+
+
+@pytest.fixture(scope="session")
+def vllm_bin():
+    """vLLM's python (.venv-vllm); the tests that need it skip without it, unless COEVO_REQUIRE_VLLM is set (CI)."""
+    from coevo_lib.serving import VLLMServerError, vllm_python
+
+    try:
+        return vllm_python()
+    except VLLMServerError as missing:
+        if os.environ.get("COEVO_REQUIRE_VLLM"):
+            raise
+        pytest.skip(f"{missing} (COEVO_REQUIRE_VLLM=1 makes this a failure)")

@@ -46,17 +46,6 @@ class Served:
     eos: int
 
 
-@pytest.fixture(scope="module")
-def vllm_bin() -> Path:
-    """vLLM's python; asked first, so that a skip costs nothing."""
-    try:
-        return vllm_python()
-    except VLLMServerError as missing:
-        if os.environ.get("COEVO_REQUIRE_VLLM"):
-            raise
-        pytest.skip(f"{missing} (COEVO_REQUIRE_VLLM=1 makes this a failure)")
-
-
 def spread_layer_weights(model, seed: int) -> None:
     """Draw the layers' matrices wider than the 0.02 init: with it, and tied embeddings, every greedy reply
     repeats the prompt's last token whatever the seed, and a weight swap would change no reply."""
