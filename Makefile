@@ -59,8 +59,9 @@ study-results: setup ## the study behind figures/results/ (every method x 3 seed
 study-full: setup ## the fuller embedded study: every method x 3 seeds
 	$(BIN)/coevo study configs/studies/minishop.yaml
 
-test: setup ## run the test suite (CPU, a few minutes)
-	$(BIN)/python -m pytest
+# The suite includes the vLLM tests (a real server from .venv-vllm): here they must run, not skip.
+test: setup vllm ## run the test suite (CPU, a few minutes; creates .venv-vllm for the vLLM tests)
+	COEVO_REQUIRE_VLLM=1 $(BIN)/python -m pytest
 
 $(VLLM_STAMP): scripts/ensure_vllm.sh
 	bash scripts/ensure_vllm.sh $(VLLM_VENV)

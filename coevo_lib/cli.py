@@ -2,6 +2,7 @@
 
     coevo run configs/minishop/coevo.yaml --set seed=1 --set loop.iterations=3 [--run-dir DIR]
     coevo study configs/studies/minishop.yaml
+    coevo serve /models/base --port 8000 --host 0.0.0.0   (an endpoint for rollout.backend=openai)
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("study_file", type=Path)
     study.add_argument("--only", action="append", default=[], help="run only these entry names")
     sub.add_parser("envs", help="list registered environments")
+    serve = sub.add_parser("serve", help="serve a checkpoint with vLLM the way coevo's rollouts need it "
+                                         "(weight loads, adapters), restarting it if it dies")
+    serve.add_argument("model", help="checkpoint directory or base model the endpoint starts on")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="0.0.0.0 to accept other machines: its weight-loading API is open to them too")
+    serve.add_argument("--max-model-len", type=int, default=4096)
+    serve.add_argument("--lora-rank", type=int, default=None, help="serve LoRA adapters up to this rank")
+    serve.add_argument("--kv-cache-gib", type=int, default=2, help="CPU build only: KV cache size (ignored on GPU)")
+    serve.add_argument("--log", type=Path, default=Path("vllm-serve.log"))
+    serve.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], metavar="ARG",
+                       help="passed to vLLM's api_server, e.g. --vllm-arg=--tensor-parallel-size=2 (repeatable)")
     return parser
 
 
@@ -55,7 +68,41 @@ def command_envs(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "study": command_study, "envs": command_envs}
+def command_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from coevo_lib.serving import VLLMServer, VLLMServerError, vllm_python
+
+    try:
+        python = vllm_python()
+    except VLLMServerError as error:
+        raise ConfigError(str(error)) from None
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its health checks, every 10 s
+    extra = [*args.vllm_args, "--host", args.host]
+    server = VLLMServer(args.model, args.log, python=python, port=args.port, max_model_len=args.max_model_len,
+                        lora_rank=args.lora_rank, kv_cache_gib=args.kv_cache_gib, extra_args=extra)
+    misses = 0
+    try:
+        server.start()
+        print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (log: {args.log}); Ctrl-C stops it",
+              flush=True)
+        while True:
+            time.sleep(10)
+            misses = 0 if server.alive() else misses + 1
+            if misses == 2:  # one slow /health under load is not a hang
+                server.restart()  # logged and counted by the server manager
+                misses = 0
+    except VLLMServerError as error:
+        print(f"coevo: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"stopping (restarts: {server.restarts})")
+    finally:
+        server.stop()
+    return 0
+
+
+COMMANDS = {"run": command_run, "study": command_study, "envs": command_envs, "serve": command_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,27 @@ def check_run_inputs(config: RunConfig) -> None:
     """Raise ConfigError naming the key and value when the environment or the model cannot be used."""
     check_env(config.env)
     check_model_path(config.model.name_or_path)
+    if config.rollout.backend == "vllm":
+        check_vllm(config)
+
+
+# vLLM 0.32's CPU attention (CPUAttentionBackend.get_supported_head_sizes); GPU backends take these too.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_vllm(config: RunConfig) -> None:
+    """vLLM's venv exists, and the tiny model's head size is one vLLM's CPU attention serves."""
+    from coevo_lib.serving import VLLMServerError, vllm_python
+
+    try:
+        vllm_python(config.rollout.vllm.python)
+    except VLLMServerError as error:
+        raise ConfigError(f"config key 'rollout.backend': vllm needs vLLM's venv: {one_line(error)}") from None
+    tiny = config.model.tiny
+    head_dim = tiny.hidden_size // tiny.num_heads
+    if config.model.name_or_path == "tiny" and head_dim not in VLLM_CPU_HEAD_SIZES:
+        raise ConfigError(f"config key 'model.tiny.num_heads': head size {tiny.hidden_size} / {tiny.num_heads} = "
+                          f"{head_dim} is not one vLLM serves ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))})")
 
 
 def check_env(env: EnvConfig) -> None:

@@ -111,3 +111,20 @@ def test_console_script_exit_code(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "coevo: error: config key 'rollout.temperature' must be >= 0 (0 = greedy), got -1.0"]
     assert not (tmp_path / "run").exists()
+
+
+def test_vllm_backend_inputs_are_checked_before_anything_is_written(tmp_path, capsys):
+    code, err = run_cli(capsys, RECIPE, "--set", "rollout.backend=vllm", "--set", "model.tiny.num_heads=4",
+                        "--set", "model.tiny.hidden_size=96", "--set", f"runs_root={tmp_path}")
+    assert code != 0 and len(err.splitlines()) == 1
+    assert "head size 96 / 4 = 24" in err or "make vllm" in err  # whichever is missing on this machine
+    code, err = run_cli(capsys, RECIPE, "--set", "rollout.backend=vllm",
+                        "--set", f"rollout.vllm.python={tmp_path}/nowhere/python", "--set", f"runs_root={tmp_path}")
+    assert code != 0 and "make vllm" in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_serve_without_vllm_names_make_vllm(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COEVO_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "make vllm" in capsys.readouterr().err
