@@ -21,7 +21,8 @@ from coevo_lib.config import RunConfig, final_iteration
 from coevo_lib.envs import make_env
 from coevo_lib.envs.base import TextEnv
 from coevo_lib.evaluate import best_of_n_metrics, split_metrics
-from coevo_lib.models import create_base_agent, load_model, load_tokenizer, save_agent
+from coevo_lib.models import (create_base_agent, is_peft_checkpoint, load_model, load_tokenizer, save_agent,
+                              set_adapter_base)
 from coevo_lib.pairs import eto_pairs, expert_pairs, failure_pairs, target_pairs
 from coevo_lib.records import Episode, Pair, read_episodes, read_pairs, write_json_atomic, write_jsonl_atomic
 from coevo_lib.rollout import HFGenerator, TaskRef, expand_tasks, expert_episode, rollout
@@ -145,9 +146,14 @@ class Workbench:
             stats = self.train_supervised(self.list_experts(), "sft")
             atomic_dir(shared, lambda tmp: copy_checkpoint(self.run_dir.checkpoint("sft"), tmp, stats))
             return {**stats, "shared_sft": str(shared), "reused": False}
-        atomic_dir(self.run_dir.checkpoint("sft"), lambda tmp: shutil.copytree(shared / "checkpoint", tmp))
+        atomic_dir(self.run_dir.checkpoint("sft"), lambda tmp: self.copy_shared_sft(shared / "checkpoint", tmp))
         stats = json.loads((shared / "result.json").read_text())
         return {**stats, "checkpoint": str(self.run_dir.checkpoint("sft")), "shared_sft": str(shared), "reused": True}
+
+    def copy_shared_sft(self, shared: Path, out: Path) -> None:
+        shutil.copytree(shared, out)
+        if is_peft_checkpoint(out):  # on this run's base, equal to the one it was trained on (same shared key)
+            set_adapter_base(out, self.run_dir.stage_result("base")["checkpoint"])
 
     def train_supervised(self, episodes: list[Episode], name: str) -> dict[str, Any]:
         """SFT from the base model on ``episodes`` into checkpoint ``name``."""

@@ -3,10 +3,16 @@
 The tiny model is a byte-level BPE tokenizer trained locally (``tokenizers``) on the training
 split's text, a chat template with {% generation %} markers, and a small randomly initialised
 Llama. Real models load with ``AutoModelForCausalLM``; LoRA wraps either through peft.
+
+With ``model.lora.enabled`` a checkpoint is the agent's LoRA adapter alone (peft's layout plus the
+tokenizer), on a base that stays where it is: ``adapter_config.json`` names it by absolute path (or
+hub name). One base then serves every agent and iteration (coevo_lib.rollout_service), and training
+goes on from an adapter by training that same adapter further.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -136,19 +142,55 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(path: str | Path, config: ModelConfig, trainable: bool = False):
-    """Load a checkpoint on the configured device and dtype; wrap with LoRA when enabled and trainable."""
-    device = resolve_device(config)
-    kwargs = {"dtype": resolve_dtype(config, device)}
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device)
-    if trainable and config.lora.enabled and not is_peft_checkpoint(path):
+    """Load a checkpoint on the configured device and dtype.
+
+    A LoRA adapter loads on its base: ``trainable``, as a PeftModel that trains that adapter further;
+    otherwise merged into the base in memory (a plain model, as fast as full weights). Full weights are
+    wrapped with a fresh adapter when LoRA is enabled and ``trainable``.
+    """
+    if is_peft_checkpoint(path):
+        return load_adapter_model(path, config, trainable)
+    model = load_weights(path, config)
+    if trainable and config.lora.enabled:
         model = wrap_lora(model, config.lora)
     return model
 
 
+def load_weights(path: str | Path, config: ModelConfig):
+    device = resolve_device(config)
+    kwargs = {"dtype": resolve_dtype(config, device)}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device)
+
+
+def load_adapter_model(path: str | Path, config: ModelConfig, trainable: bool):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_weights(adapter_base(path), config), str(path), is_trainable=trainable)
+    return model if trainable else model.merge_and_unload()
+
+
 def is_peft_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model a LoRA adapter checkpoint applies to: an absolute path, or a hub name."""
+    return local_or_hub(json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
+def set_adapter_base(path: str | Path, base: str | Path) -> None:
+    """Name ``base`` in an adapter's config, by absolute path when it is a local directory: vLLM servers and
+    later stages read it from their own working directories."""
+    config_file = Path(path) / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    adapter_config["base_model_name_or_path"] = local_or_hub(base)
+    config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+
+def local_or_hub(name_or_path: str | Path) -> str:
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
 
 
 def wrap_lora(model, config: LoraConfig):
@@ -165,12 +207,25 @@ def wrap_lora(model, config: LoraConfig):
 
 
 def save_agent(model, tokenizer, out_dir: Path) -> None:
-    """Save full weights (LoRA adapters are merged so every checkpoint loads the same way)."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    """Save a checkpoint: a PeftModel's trained adapter alone (not trl's frozen 'ref' copy; the base stays
+    where it is), any other model's full weights."""
+    from peft import PeftModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(out_dir, selected_adapters=["default"])
+        set_adapter_base(out_dir, adapter_base(out_dir))
+    else:
+        model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def save_merged(checkpoint: str | Path, config: ModelConfig, out_dir: Path) -> None:
+    """A standalone copy of an adapter checkpoint: its base with the adapter merged in, in full weights."""
+    model = load_model(checkpoint, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    load_tokenizer(checkpoint).save_pretrained(out_dir)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

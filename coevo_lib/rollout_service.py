@@ -5,10 +5,17 @@ With ``vllm`` the server starts once, at the first rollout, and later checkpoint
 running engine (coevo_lib.serving); with ``openai`` the user's endpoints get the same weight loads;
 with ``hf`` the model of the current checkpoint is loaded in this process. Start, swap and restart
 costs are counted and returned with each rollout's statistics.
+
+A LoRA adapter checkpoint (``model.lora.enabled``) is served on its base: the vllm server starts on the
+base with LoRA on, each adapter is loaded beside it under a name of its own (requests name it as their
+model) and the base weights are never swapped; ``openai`` endpoints get the same adapter loads (they
+must serve that base with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); ``hf`` loads the
+base with the adapter merged in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -18,11 +25,14 @@ from coevo_lib.backends import HFBatcher, HTTPBackend, RolloutEngineError, api_k
 from coevo_lib.config import RunConfig
 from coevo_lib.engine import RolloutTask, rollout_async
 from coevo_lib.envs.base import TextEnv
-from coevo_lib.models import load_model, load_tokenizer, resolve_device, resolve_dtype, stop_token_ids
+from coevo_lib.models import (adapter_base, is_peft_checkpoint, load_model, load_tokenizer, resolve_device,
+                              resolve_dtype, stop_token_ids)
 from coevo_lib.records import Episode
 from coevo_lib.rollout import HFGenerator, TaskRef
 
 log = logging.getLogger(__name__)
+
+ADAPTERS_KEPT = 2  # the target and the failure agent alternate; older adapters are unloaded
 
 
 class RolloutService:
@@ -31,6 +41,8 @@ class RolloutService:
         self.checkpoint: str | None = None
         self.hf: HFGenerator | None = None
         self.server = None  # coevo_lib.serving.VLLMServer, started at the first vllm rollout
+        self.adapter: str | None = None  # the name requests give as their model when serving a LoRA adapter
+        self.adapters_loaded: list[str] = []  # on the server or the endpoints, oldest first
         self.costs: dict[str, float] = {}
 
     # -- one rollout ----------------------------------------------------------------------------
@@ -45,7 +57,8 @@ class RolloutService:
         if self.server is not None:
             stats.update(prefix_cache_delta(before, self.server.prefix_cache_stats()))
             stats["engine_restarts"] = self.server.restarts
-        return episodes, {"backend": self.config.rollout.backend, **stats, **self.costs}
+        served = {"adapter": self.adapter} if self.adapter else {}
+        return episodes, {"backend": self.config.rollout.backend, **served, **stats, **self.costs}
 
     def task(self, agent: str, iteration: int, kind: str, temperature: float) -> RolloutTask:
         return RolloutTask(agent=agent, iteration=iteration, kind=kind, prompt=self.config.prompt,
@@ -59,10 +72,10 @@ class RolloutService:
             return lambda: HFBatcher(self.hf, max_batch=rollout.max_concurrent)
         stop_ids = stop_token_ids(tokenizer)
         if rollout.backend == "vllm":
-            return lambda: HTTPBackend([self.server.base_url], self.server.served_name, rollout, stop_ids,
-                                       retries=3, recover=self.recover_server)
+            return lambda: HTTPBackend([self.server.base_url], self.adapter or self.server.served_name, rollout,
+                                       stop_ids, retries=3, recover=self.recover_server)
         key = api_key(rollout.openai.api_key_env)
-        return lambda: HTTPBackend(rollout.openai.urls, self.openai_model(), rollout, stop_ids,
+        return lambda: HTTPBackend(rollout.openai.urls, self.adapter or self.openai_model(), rollout, stop_ids,
                                    retries=rollout.openai.retries, api_key=key, recover=self.wait_for_endpoint)
 
     # -- weights ----------------------------------------------------------------------------------
@@ -71,9 +84,17 @@ class RolloutService:
         """Make ``checkpoint`` the weights every request of the next rollout is answered by."""
         if checkpoint == self.checkpoint and (self.server is None or self.server.alive()):
             return
+        served = str(Path(checkpoint).resolve())  # servers run in their own working directory
+        if self.config.rollout.backend != "hf" and is_peft_checkpoint(served):
+            self.serve_adapter(served)
+        else:
+            self.adapter = None
+            self.serve_weights(checkpoint, served)
+        self.checkpoint = checkpoint
+
+    def serve_weights(self, checkpoint: str, served: str) -> None:
         start = time.perf_counter()
         backend = self.config.rollout.backend
-        served = str(Path(checkpoint).resolve())  # servers run in their own working directory
         if backend == "hf":
             self.hf = HFGenerator(load_model(checkpoint, self.config.model).eval(), load_tokenizer(checkpoint),
                                   self.config.rollout, self.config.prompt.max_prompt_tokens)
@@ -89,9 +110,43 @@ class RolloutService:
             for url in self.config.rollout.openai.urls:
                 swap_weights_at(url, served)
             self.costs["weight_swap_s"] = round(time.perf_counter() - start, 3)
-        self.checkpoint = checkpoint
 
-    def start_server(self, checkpoint: str):
+    def serve_adapter(self, adapter: str) -> None:
+        """The base stays loaded (vllm: the server starts on it once) and the adapter is loaded beside it."""
+        if self.config.rollout.backend == "vllm":
+            self.serve_base(adapter_base(adapter))
+        start = time.perf_counter()
+        self.adapter = adapter_name(adapter)
+        self.load_adapter(self.adapter, adapter)
+        self.costs["adapter_load_s"] = round(time.perf_counter() - start, 3)
+
+    def serve_base(self, base: str) -> None:
+        start = time.perf_counter()
+        if self.server is None:
+            self.server = self.start_server(base, lora_rank=self.config.model.lora.r)
+            self.costs["engine_start_s"] = round(time.perf_counter() - start, 3)
+        elif self.server.model != base:  # adapters of another base: never within one run
+            self.costs["weight_swap_s"] = round(self.server.swap_weights(base), 3)
+        elif not self.server.alive():
+            self.costs["engine_restart_s"] = round(self.server.restart(), 3)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load (or reload) adapter ``name`` and unload the ones loaded before the last ``ADAPTERS_KEPT``."""
+        if self.config.rollout.backend == "vllm":
+            self.server.load_adapter(name, path)
+        else:
+            for url in self.config.rollout.openai.urls:
+                load_adapter_at(url, name, path)
+        self.adapters_loaded = [loaded for loaded in self.adapters_loaded if loaded != name] + [name]
+        for stale in self.adapters_loaded[:-ADAPTERS_KEPT]:
+            if self.config.rollout.backend == "vllm":
+                self.server.unload_adapter(stale)
+            else:
+                for url in self.config.rollout.openai.urls:
+                    unload_adapter_at(url, stale)
+        self.adapters_loaded = self.adapters_loaded[-ADAPTERS_KEPT:]
+
+    def start_server(self, checkpoint: str, lora_rank: int | None = None):
         from coevo_lib.serving import VLLMServer, vllm_python
 
         vllm = self.config.rollout.vllm
@@ -104,6 +159,7 @@ class RolloutService:
             tensor_parallel_size=vllm.tensor_parallel_size, data_parallel_size=vllm.data_parallel_size,
             gpu_memory_utilization=vllm.gpu_memory_utilization, kv_cache_gib=vllm.kv_cache_gib,
             start_timeout_s=vllm.start_timeout_s, extra_args=vllm.extra_args,
+            lora_rank=lora_rank, max_loras=ADAPTERS_KEPT,
         )
         log.info("vLLM server started in %.1f s (%s)", server.start(), server.base_url)
         return server
@@ -135,7 +191,7 @@ class RolloutService:
         if self.server is not None:
             self.server.stop()
             self.server = None
-        self.hf = None
+        self.hf, self.adapter, self.adapters_loaded = None, None, []
 
 
 def prefix_cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -146,3 +202,38 @@ def prefix_cache_delta(before: dict[str, float], after: dict[str, float]) -> dic
     hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
     return {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
             "prefix_cache_hit_rate": round(hits / queries, 4) if queries > 0 else None}
+
+
+def adapter_name(path: str) -> str:
+    """A served name unique per written adapter: its folder name and a digest of its absolute path and write time.
+
+    vLLM keeps prefix-cache blocks of an adapter reloaded under its old name, so a checkpoint written again
+    at the same path (a run directory reused) must not reuse the name.
+    """
+    written = (Path(path) / "adapter_config.json").stat().st_mtime_ns
+    return f"{Path(path).name}-{hashlib.sha1(f'{path}@{written}'.encode()).hexdigest()[:8]}"
+
+
+def load_adapter_at(base_url: str, name: str, path: str) -> None:
+    """Load the LoRA adapter at ``path`` into a running vLLM server as model ``name`` (replacing one of that name).
+
+    The same call as VLLMServer.load_adapter; the server needs --enable-lora and
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and ``path`` must be readable where it runs.
+    """
+    from coevo_lib.serving import post, root_url
+
+    post(f"{root_url(base_url)}/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": True},
+         f"load LoRA adapter {name} from {path} (a server started with --enable-lora and "
+         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True?)")
+
+
+def unload_adapter_at(base_url: str, name: str) -> None:
+    from coevo_lib.serving import VLLMServerError, post, root_url
+
+    try:
+        post(f"{root_url(base_url)}/v1/unload_lora_adapter", {"lora_name": name}, f"unload LoRA adapter {name}")
+    except VLLMServerError as error:
+        if "HTTP 404" not in str(error):
+            raise
+        # An endpoint restarted since it was loaded has nothing to unload; the adapter in use is loaded anew.
+        log.warning("%s no longer holds adapter %s (restarted?)", base_url, name)

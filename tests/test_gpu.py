@@ -1,4 +1,4 @@
-"""GPU paths: bf16 placement, LoRA training and merged checkpoints, batched generation on CUDA.
+"""GPU paths: bf16 placement, LoRA training into adapter checkpoints (merged on demand), batched generation on CUDA.
 
 Skipped on CPU machines (CI); run on a GPU box with ``pytest tests/test_gpu.py``.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from coevo_lib.config import DPOStageConfig, LoraConfig, ModelConfig, RolloutConfig, SFTStageConfig, TinyModelConfig
-from coevo_lib.models import build_tiny_model, load_model, load_tokenizer, save_agent
+from coevo_lib.models import build_tiny_model, is_peft_checkpoint, load_model, load_tokenizer, save_agent, save_merged
 from coevo_lib.rollout import HFGenerator
 from coevo_lib.train import train_dpo, train_sft
 from coevo_lib.train.common import changed_parameters, parameters_snapshot
@@ -35,7 +35,7 @@ def test_auto_dtype_is_bf16_on_gpu(saved_model):
     assert model.device.type == "cuda" and model.dtype == torch.bfloat16
 
 
-def test_lora_sft_and_dpo_train_only_adapters_and_merge(saved_model, shop_pairs, tmp_path):
+def test_lora_sft_and_dpo_train_only_adapters_saved_as_adapters_and_merged(saved_model, shop_pairs, tmp_path):
     config = ModelConfig(name_or_path=str(saved_model), lora=LoraConfig(enabled=True, r=8, alpha=16))
     model, tokenizer = load_model(saved_model, config, trainable=True), load_tokenizer(saved_model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -48,7 +48,11 @@ def test_lora_sft_and_dpo_train_only_adapters_and_merge(saved_model, shop_pairs,
                                                                  warmup_ratio=0.0), tmp_path / "dpo", seed=0)
     assert math.isfinite(sft["train_loss"]) and math.isfinite(dpo["train_loss"])
     assert changed_parameters(model, before) > 0
-    save_agent(model, tokenizer, tmp_path / "merged")
+    save_agent(model, tokenizer, tmp_path / "adapter")
+    assert is_peft_checkpoint(tmp_path / "adapter") and not (tmp_path / "adapter" / "model.safetensors").exists()
+    resumed = load_model(tmp_path / "adapter", config, trainable=True)  # base + the adapter, trained further
+    assert resumed.device.type == "cuda" and any(p.requires_grad for n, p in resumed.named_parameters() if "lora_" in n)
+    save_merged(tmp_path / "adapter", config, tmp_path / "merged")
     reloaded = load_model(tmp_path / "merged", ModelConfig(name_or_path=str(tmp_path / "merged")))
     assert not any("lora_" in n for n, _ in reloaded.named_parameters())
 

@@ -27,7 +27,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from datasets import Dataset, load_from_disk
 
-from coevo_lib.models import load_model, load_tokenizer, save_agent, wrap_lora
+from coevo_lib.models import load_model, load_tokenizer, save_agent
 from coevo_lib.records import read_episodes, read_pairs, write_json_atomic
 from coevo_lib.runs import RunDir
 from coevo_lib.seeding import quiet_libraries, seed_everything
@@ -89,7 +89,7 @@ def build_dataset(job: dict[str, Any], tokenizer, stage) -> Dataset:
 
 
 def save_trained(trainer, tokenizer, model_config, job: dict[str, Any]) -> None:
-    """Rank 0 writes the trained model in the Hugging Face layout (LoRA merged, as save_agent does)."""
+    """Rank 0 writes the trained model in the Hugging Face layout (with LoRA, the adapter, as save_agent does)."""
     accelerator = trainer.accelerator
     if not is_sharded():
         if accelerator.is_main_process:
@@ -97,10 +97,10 @@ def save_trained(trainer, tokenizer, model_config, job: dict[str, Any]) -> None:
         return
     state_dict = accelerator.get_state_dict(trainer.model)  # collective: every rank sends its shards
     if accelerator.is_main_process:
-        cpu_model = load_model(job["start"], dataclasses.replace(model_config, device="cpu"))  # trained dtype
-        if model_config.lora.enabled:
-            cpu_model = wrap_lora(cpu_model, model_config.lora)
-        cpu_model.load_state_dict(state_dict)
+        # The trained model's structure (a fresh or the start's adapter with LoRA) in the trained dtype.
+        cpu_model = load_model(job["start"], dataclasses.replace(model_config, device="cpu"), trainable=True)
+        # trl's DPO adds a frozen copy of a start adapter as the reference ('ref'); it is not part of the agent.
+        cpu_model.load_state_dict({name: value for name, value in state_dict.items() if ".ref." not in name})
         save_agent(cpu_model, tokenizer, Path(job["out"]))
 
 
