@@ -200,11 +200,13 @@ class HTTPBackend:
 
     def __init__(self, urls: list[str], model: str, rollout: RolloutConfig, stop_ids: list[int], *,
                  retries: int, api_key: str | None = None,
-                 recover: Callable[[str], list[str]] | None = None):
+                 recover: Callable[[str], list[str]] | None = None,
+                 decode: Callable[[list[int]], str] | None = None):
         import httpx  # local: the hf path never needs it
 
         self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
         self.model, self.rollout, self.stop_ids, self.retries = model, rollout, stop_ids, retries
+        self.decode = decode
         self.recover = recover or (lambda url: [e.url for e in self.endpoints])
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=rollout.max_concurrent + 8, max_keepalive_connections=rollout.max_concurrent)
@@ -231,7 +233,7 @@ class HTTPBackend:
                 response = await self.client.post(f"{endpoint.url}/completions", json=self.payload(request))
                 response.raise_for_status()
                 self.stats.requests += 1
-                return parse_completion(response.json())
+                return parse_completion(response.json(), self.decode)
             except self.transport_errors as error:
                 if is_client_error(error):
                     raise RolloutEngineError(f"{endpoint.url} refused the request: {describe(error)}") from error
@@ -264,7 +266,12 @@ class HTTPBackend:
         await self.client.aclose()
 
 
-def parse_completion(body: dict[str, Any]) -> Reply:
+def parse_completion(body: dict[str, Any], decode: Callable[[list[int]], str] | None = None) -> Reply:
+    """The reply's text, token count and ids; with ``decode``, the text is decoded here from the ids.
+
+    Decoding here matters when a reply is cut inside a multi-byte character: vLLM's text drops the
+    partial character where transformers writes U+FFFD, and the next prompt would differ by backend.
+    """
     choice = body["choices"][0]
     usage = body.get("usage") or {}
     token_ids = choice.get("token_ids")
@@ -276,7 +283,8 @@ def parse_completion(body: dict[str, Any]) -> Reply:
     # vLLM lists the stop token among the ids it generated; coevo's records keep it out of the text.
     if token_ids is not None and choice.get("finish_reason") == "stop" and len(token_ids) == tokens:
         token_ids = token_ids[:-1]
-    return Reply(choice.get("text") or "", int(tokens), token_ids)
+    text = decode(token_ids) if decode is not None and token_ids is not None else choice.get("text") or ""
+    return Reply(text, int(tokens), token_ids)
 
 
 def is_client_error(error: Exception) -> bool:

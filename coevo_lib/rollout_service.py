@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,12 +72,15 @@ class RolloutService:
         if rollout.backend == "hf":
             return lambda: HFBatcher(self.hf, max_batch=rollout.max_concurrent)
         stop_ids = stop_token_ids(tokenizer)
+        # Text decoded by coevo's tokenizer from the engine's ids, exactly as the hf backend decodes it.
+        decode = partial(tokenizer.decode, skip_special_tokens=True)
         if rollout.backend == "vllm":
             return lambda: HTTPBackend([self.server.base_url], self.adapter or self.server.served_name, rollout,
-                                       stop_ids, retries=3, recover=self.recover_server)
+                                       stop_ids, retries=3, recover=self.recover_server, decode=decode)
         key = api_key(rollout.openai.api_key_env)
         return lambda: HTTPBackend(rollout.openai.urls, self.adapter or self.openai_model(), rollout, stop_ids,
-                                   retries=rollout.openai.retries, api_key=key, recover=self.wait_for_endpoint)
+                                   retries=rollout.openai.retries, api_key=key, recover=self.wait_for_endpoint,
+                                   decode=decode)
 
     # -- weights ----------------------------------------------------------------------------------
 

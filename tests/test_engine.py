@@ -165,3 +165,20 @@ def test_a_coevo_run_on_the_async_hf_schedule_records_engine_statistics(tmp_path
     assert rollout["engine"]["backend"] == "hf" and rollout["engine"]["episodes_run"] == rollout["episodes"] == 6
     assert rollout["engine"]["requests"] == round(rollout["mean_steps"] * 6)
     assert metrics["it1-eval"]["test_seen_engine"]["episodes_run"] == metrics["it1-eval"]["test_seen_n"] == 4
+
+
+def test_http_replies_are_decoded_from_the_engines_ids_when_a_tokenizer_is_given(generator):
+    from coevo_lib.backends import parse_completion
+
+    tokenizer = generator.tokenizer
+    ids = tokenizer.encode("Thought: ok\nAction: click[b]", add_special_tokens=False)
+    cut = tokenizer.encode("é", add_special_tokens=False)  # a character the byte-level BPE may split
+    body = {"choices": [{"text": "Thought: ok\nAction: click[b]", "token_ids": ids + [tokenizer.eos_token_id],
+                         "finish_reason": "stop"}], "usage": {"completion_tokens": len(ids) + 1}}
+    reply = parse_completion(body, lambda row: tokenizer.decode(row, skip_special_tokens=True))
+    assert reply.token_ids == ids and reply.tokens == len(ids) + 1  # the stop token counted, not kept
+    assert reply.text == tokenizer.decode(ids, skip_special_tokens=True)
+    partial = {"choices": [{"text": "", "token_ids": cut[:1], "finish_reason": "length"}],
+               "usage": {"completion_tokens": 1}}
+    assert parse_completion(partial, tokenizer.decode).text == tokenizer.decode(cut[:1])
+    assert parse_completion(partial).text == ""  # without a tokenizer, the server's own text
