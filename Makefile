@@ -60,7 +60,7 @@ study-full: setup ## the fuller embedded study: every method x 3 seeds
 	$(BIN)/coevo study configs/studies/minishop.yaml
 
 # The suite includes the vLLM tests (a real server from .venv-vllm): here they must run, not skip.
-test: setup vllm ## run the test suite (CPU, a few minutes; creates .venv-vllm for the vLLM tests)
+test: setup vllm ## run the test suite (CPU; 20 min measured under load, vLLM servers included; creates .venv-vllm)
 	COEVO_REQUIRE_VLLM=1 $(BIN)/python -m pytest
 
 $(VLLM_STAMP): scripts/ensure_vllm.sh
