@@ -46,7 +46,7 @@ from coevo_lib.records import Episode
 from coevo_lib.rollout import HFGenerator, TaskRef, expand_tasks, rollout
 from coevo_lib.rollout_service import RolloutService, prefix_cache_delta
 from coevo_lib.seeding import quiet_libraries
-from coevo_lib.serving import VLLMServerError, post, prefix_cache_counts, root_url, vllm_python
+from coevo_lib.serving import VLLMServer, VLLMServerError, post, prefix_cache_counts, root_url, vllm_python
 
 HELD_OUT_SPLITS = ("test_seen", "test_unseen")
 ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")  # a --variant word that sets the server's environment
@@ -115,7 +115,6 @@ def with_rollout(config: RunConfig, **changes: Any) -> RunConfig:
     return replace(config, rollout=replace(config.rollout, **changes))
 
 
-
 def row(name: str, episodes: list[Episode], wall_s: float, stats: dict[str, Any] | None = None,
         **extra: Any) -> dict[str, Any]:
     stats = stats or {}
@@ -172,9 +171,6 @@ def hf_rows(bench: Bench, concurrency: int) -> tuple[list[dict], dict[str, list[
     finally:
         service.close()
     return rows, greedy
-
-
-# -- the vllm and openai rows ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -234,8 +230,8 @@ def variant_rows(bench: Bench, variant: Variant, concurrency: list[int], with_op
     return rows, greedy
 
 
-def openai_rows(bench: Bench, server, name: str, concurrency: list[int]) -> list[dict]:
-    """``backend=openai`` against ``server`` (a coevo_lib.serving.VLLMServer): the user's-endpoint path."""
+def openai_rows(bench: Bench, server: VLLMServer, name: str, concurrency: list[int]) -> list[dict]:
+    """``backend=openai`` against the running ``server``: the path of endpoints the user runs."""
     endpoint = replace(bench.config.rollout.openai, urls=[server.base_url], model=server.served_name)
     service = RolloutService(with_rollout(bench.config, backend="openai", schedule="auto",
                                           max_concurrent=max(concurrency), openai=endpoint), bench.log_dir / "openai")
@@ -245,7 +241,8 @@ def openai_rows(bench: Bench, server, name: str, concurrency: list[int]) -> list
         service.close()
 
 
-def server_row(bench: Bench, service: RolloutService, server, name: str, concurrency: int, **extra: Any) -> dict:
+def server_row(bench: Bench, service: RolloutService, server: VLLMServer, name: str, concurrency: int,
+               **extra: Any) -> dict:
     """A timed row on ``server`` from an empty prefix cache; its counters are read here (openai owns none).
 
     ``in_engine``: requests inside the engine on average (vLLM's summed end-to-end latency / wall time);
@@ -256,7 +253,8 @@ def server_row(bench: Bench, service: RolloutService, server, name: str, concurr
     episodes, stats = run_async(bench, service, bench.train, concurrency, bench.config.rollout.temperature, "train")
     after = engine_counters(server.base_url)
     stats.update(prefix_cache_delta(before, after))
-    in_engine = (after["request_seconds"] - before["request_seconds"]) / stats["wall_s"]
+    restarted = after["request_seconds"] < before["request_seconds"]  # counters start again from 0
+    in_engine = (after["request_seconds"] - (0.0 if restarted else before["request_seconds"])) / stats["wall_s"]
     return row(name, episodes, stats["wall_s"], stats, in_engine=round(in_engine, 1),
                weight_swap_s=stats.get("weight_swap_s"), **extra)
 
@@ -285,7 +283,8 @@ def all_variant_rows(bench: Bench, variants: list[Variant], concurrency: list[in
 
 
 def last_error_line(log_path: Path) -> str:
-    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if "Error:" in line]
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if "Error:" in line]
     return (lines or [f"(no error line in {log_path})"])[-1]
 
 
@@ -295,9 +294,6 @@ def vllm_available(skip: bool) -> bool:
     except VLLMServerError as error:
         print(f"!! vllm and openai rows LEFT OUT: {error}")
         return False
-
-
-# -- greedy agreement -------------------------------------------------------------------------------------
 
 
 def share(flags) -> float:
@@ -325,9 +321,6 @@ def agreement_rows(greedy: dict[str, list[Episode]]) -> list[dict[str, Any]]:
     reference = greedy["async hf"]
     return [{"name": name, "vs": "async hf", **agreement(reference, episodes)}
             for name, episodes in greedy.items() if name != "async hf"]
-
-
-# -- output --------------------------------------------------------------------------------------------------
 
 
 def load_average() -> str:
