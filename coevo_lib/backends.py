@@ -245,6 +245,8 @@ class HTTPBackend:
                     raise RolloutEngineError(f"{endpoint.url} failed {self.retries} times, last: "
                                              f"{describe(error)}") from error
                 await self.recover_once(endpoint.url)
+                # A dying engine can still answer /health for a moment: back off so the retries outlast it.
+                await asyncio.sleep(min(2.0 ** attempt, 10.0))
             finally:
                 endpoint.in_flight -= 1
         raise AssertionError("unreachable")

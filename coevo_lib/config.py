@@ -164,6 +164,10 @@ class VLLMConfig:
     kv_cache_gib: int = field(default=2, metadata={"help": "CPU build only: KV cache size (VLLM_CPU_KVCACHE_SPACE)"})
     start_timeout_s: float = field(default=900.0, metadata={"help": "start to ready, before it counts as hung"})
     extra_args: list[str] = field(default_factory=list, metadata={"help": "passed through to vLLM's api_server"})
+    env: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "server environment, e.g. {VLLM_CPU_OMP_THREADS_BIND: 0-1} (CPU: bind every core)"},
+    )
 
     def __post_init__(self) -> None:
         require_positive(self, "tensor_parallel_size", "data_parallel_size", "kv_cache_gib", "start_timeout_s")

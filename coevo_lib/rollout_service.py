@@ -162,7 +162,8 @@ class RolloutService:
             max_model_len=vllm.max_model_len or self.config.prompt.max_prompt_tokens,
             tensor_parallel_size=vllm.tensor_parallel_size, data_parallel_size=vllm.data_parallel_size,
             gpu_memory_utilization=vllm.gpu_memory_utilization, kv_cache_gib=vllm.kv_cache_gib,
-            start_timeout_s=vllm.start_timeout_s, extra_args=vllm.extra_args,
+            start_timeout_s=vllm.start_timeout_s, extra_args=cpu_build_args() + vllm.extra_args,
+            env={k: str(v) for k, v in vllm.env.items()},
             lora_rank=lora_rank, max_loras=ADAPTERS_KEPT,
         )
         log.info("vLLM server started in %.1f s (%s)", server.start(), server.base_url)
@@ -241,3 +242,12 @@ def unload_adapter_at(base_url: str, name: str) -> None:
             raise
         # An endpoint restarted since it was loaded has nothing to unload; the adapter in use is loaded anew.
         log.warning("%s no longer holds adapter %s (restarted?)", base_url, name)
+
+
+def cpu_build_args() -> list[str]:
+    """vLLM 0.32's CPU build dies ("CPU Generator does not use offset") when a seeded request's prompt is
+    split across engine steps by chunked prefill, so coevo turns chunked prefill off there (measured by
+    bench/rollout.py; rollout.vllm.extra_args come after and can turn it back on)."""
+    import torch
+
+    return [] if torch.cuda.is_available() else ["--no-enable-chunked-prefill"]
