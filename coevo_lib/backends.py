@@ -207,6 +207,7 @@ class HTTPBackend:
         self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
         self.model, self.rollout, self.stop_ids, self.retries = model, rollout, stop_ids, retries
         self.decode = decode
+        self.recovering = asyncio.Lock()  # built inside the rollout's event loop (see engine.rollout_async)
         self.recover = recover or (lambda url: [e.url for e in self.endpoints])
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=rollout.max_concurrent + 8, max_keepalive_connections=rollout.max_concurrent)
@@ -253,8 +254,7 @@ class HTTPBackend:
 
     async def recover_once(self, url: str) -> None:
         """Concurrent failures of one endpoint (every episode in flight) lead to one recovery, not many."""
-        lock = self.__dict__.setdefault("_recovering", asyncio.Lock())
-        async with lock:
+        async with self.recovering:
             endpoint = next((e for e in self.endpoints if e.url == url), None)
             if endpoint is not None and endpoint.failures == 0:
                 return  # recovered by the request that held the lock before us

@@ -52,7 +52,7 @@ class RolloutService:
                 out_path: Path | None) -> tuple[list[Episode], dict[str, Any]]:
         self.costs = {}
         self.serve(checkpoint)
-        tokenizer = load_tokenizer(checkpoint)
+        tokenizer = self.hf.tokenizer if self.config.rollout.backend == "hf" else load_tokenizer(checkpoint)
         before = self.server.prefix_cache_stats() if self.server else None
         episodes, stats = rollout_async(envs, refs, self.backend_factory(tokenizer), tokenizer, task, out_path)
         if self.server is not None:
@@ -136,18 +136,14 @@ class RolloutService:
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load (or reload) adapter ``name`` and unload the ones loaded before the last ``ADAPTERS_KEPT``."""
-        if self.config.rollout.backend == "vllm":
-            self.server.load_adapter(name, path)
-        else:
-            for url in self.config.rollout.openai.urls:
-                load_adapter_at(url, name, path)
+        vllm = self.config.rollout.backend == "vllm"
+        urls = self.config.rollout.openai.urls
+        load = self.server.load_adapter if vllm else lambda *args: [load_adapter_at(url, *args) for url in urls]
+        unload = self.server.unload_adapter if vllm else lambda *args: [unload_adapter_at(url, *args) for url in urls]
+        load(name, path)
         self.adapters_loaded = [loaded for loaded in self.adapters_loaded if loaded != name] + [name]
         for stale in self.adapters_loaded[:-ADAPTERS_KEPT]:
-            if self.config.rollout.backend == "vllm":
-                self.server.unload_adapter(stale)
-            else:
-                for url in self.config.rollout.openai.urls:
-                    unload_adapter_at(url, stale)
+            unload(stale)
         self.adapters_loaded = self.adapters_loaded[-ADAPTERS_KEPT:]
 
     def start_server(self, checkpoint: str, lora_rank: int | None = None):
