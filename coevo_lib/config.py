@@ -329,6 +329,11 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test_seen", "test_unseen"])
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     max_tasks: int | None = None
+    every_iteration: bool = field(
+        default=True,
+        metadata={"help": "evaluate after every iteration; false: only the SFT model (iteration 0) and the last "
+                          "iteration, which is all a results table needs"},
+    )
 
     def __post_init__(self) -> None:
         require(bool(self.splits) and len(set(self.splits)) == len(self.splits), "splits", self.splits,

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -94,9 +95,12 @@ class Workbench:
         self.stage("expert", self.record_experts)
         self.stage("sft", self.initial_sft, iteration=0)
         self.stage("it0-eval", lambda: self.evaluate(0), iteration=0, kind="eval")
-        for iteration in range(1, self.iterations() + 1):
+        last = self.iterations()
+        for iteration in range(1, last + 1):
             ITERATIONS[self.config.method](self, iteration)
-            self.stage(f"it{iteration}-eval", lambda i=iteration: self.evaluate(i), iteration=iteration, kind="eval")
+            if self.config.eval.every_iteration or iteration == last:
+                self.stage(f"it{iteration}-eval", lambda i=iteration: self.evaluate(i), iteration=iteration,
+                           kind="eval")
         return self.run_dir.metrics()
 
     def iterations(self) -> int:
@@ -189,8 +193,39 @@ class Workbench:
 
     def roll(self, agent: str, checkpoint: str, iteration: int, refs: list[TaskRef], temperature: float,
              kind: str) -> tuple[list[Episode], dict[str, Any]]:
-        """Episodes of ``agent`` at ``checkpoint`` on ``refs`` (resumed from its file), and engine statistics."""
+        """Episodes of ``agent`` at ``checkpoint`` on ``refs`` (resumed from its file), and engine statistics.
+
+        Rollouts of the shared SFT model are shared too: the methods of a seed evaluate the same SFT
+        and (at iteration 1) roll out the same target, so the first run computes them and the others
+        copy its episodes (``_shared/rollout-<key>``), which also makes their starting points identical.
+        """
         out = self.run_dir.episodes(f"it{iteration}-{kind}-{agent}")
+        if self.config.sft.share and checkpoint == str(self.run_dir.checkpoint("sft")):
+            shared = self.shared_rollout_dir(agent, iteration, refs, temperature, kind)
+            if (shared / "engine.json").exists():
+                shutil.copyfile(shared / "episodes.jsonl", out)
+                engine = json.loads((shared / "engine.json").read_text())
+                return read_episodes(out), {**engine, "reused": str(shared)}
+            episodes, engine = self.fresh_roll(agent, checkpoint, iteration, refs, temperature, kind, out)
+            publish_rollout(out, engine, shared)
+            return episodes, engine
+        return self.fresh_roll(agent, checkpoint, iteration, refs, temperature, kind, out)
+
+    def shared_rollout_dir(self, agent: str, iteration: int, refs: list[TaskRef], temperature: float,
+                           kind: str) -> Path:
+        """Everything that decides a rollout of the shared SFT model, hashed next to that model."""
+        sft = shared_sft_dir(self.config, self.run_dir.path.parent)
+        # The tasks, samples and temperature are in refs and temperature; the rest of rollout (engine,
+        # batch size, token limits) can change episodes too.
+        rollout = {k: v for k, v in dataclasses.asdict(self.config.rollout).items()
+                   if k not in ("temperature", "samples_per_task", "max_tasks")}
+        inputs = {"sft": sft.name, "rollout": rollout, "agent": agent, "iteration": iteration,
+                  "temperature": temperature, "kind": kind, "refs": [dataclasses.astuple(r) for r in refs]}
+        digest = hashlib.sha256(json.dumps(inputs, default=asdict_or_str, sort_keys=True).encode()).hexdigest()[:16]
+        return sft.parent / f"rollout-{digest}"
+
+    def fresh_roll(self, agent: str, checkpoint: str, iteration: int, refs: list[TaskRef], temperature: float,
+                   kind: str, out: Path) -> tuple[list[Episode], dict[str, Any]]:
         if self.config.rollout.is_async:
             task = self.rollouts.task(agent, iteration, kind, temperature)
             return self.rollouts.rollout(self.pool(), refs, checkpoint, task, out)
@@ -279,6 +314,20 @@ def shared_sft_dir(config: RunConfig, runs_parent: Path) -> Path:
 
 def asdict_or_str(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
+
+
+def publish_rollout(episodes: Path, engine: dict[str, Any], shared: Path) -> None:
+    """Put a rollout where the seed's other runs find it; a run in parallel may publish the same one
+    first (a study with workers > 1), so the temp name is this process's and the first one stays."""
+    tmp = shared.with_name(f"{shared.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(episodes, tmp / "episodes.jsonl")
+    (tmp / "engine.json").write_text(json.dumps(engine))
+    try:
+        os.replace(tmp, shared)
+    except OSError:  # published first by the other run: it stays, this run keeps its own copy
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_checkpoint(source: Path, target: Path, stats: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from fractions import Fraction
 import pytest
 
 from coevo_lib.envs import EnvError, make_env
-from coevo_lib.envs import minishop
+from coevo_lib.envs import minishop, minishop_catalog
 from coevo_lib.envs.minishop import purchase_reward
 from coevo_lib.envs.minishop_catalog import PRODUCT_TYPES, Goal, Product
 
@@ -262,7 +262,7 @@ def test_step_before_reset_is_caller_misuse():
 @pytest.mark.parametrize("kwargs, argument", [
     ({"n_train": -1}, "n_train"), ({"n_test_unseen": -5}, "n_test_unseen"), ({"max_steps": 3}, "max_steps"),
     ({"results_per_page": 1}, "results_per_page"), ({"seed": "zero"}, "seed"), ({"n_train": 0}, "n_test_seen"),
-    ({"n_test_unseen": 10_000}, "n_test_unseen"),
+    ({"n_train": 1, "n_test_seen": 3000}, "3000 distinct test_seen goals"),
 ])
 def test_bad_settings_name_the_argument(kwargs, argument):
     with pytest.raises(EnvError, match=argument):
@@ -345,3 +345,63 @@ def test_task_spec_and_goal(env):
     goal = env.goal("train-0000")
     assert set(goal) >= {"type", "category", "attributes", "options", "price_bound", "target_id"}
     assert env.reset("train-0000") == f"Instruction: {goal['instruction']}\n[Search]"
+
+
+@pytest.mark.parametrize("item_ids", ["letters", "digits", "position"])
+def test_every_item_naming_has_experts_that_succeed(item_ids):
+    env = make_env("minishop", item_ids=item_ids, results_per_page=3, max_steps=8)
+    for task_id in all_task_ids(env):
+        assert play(env, task_id, env.expert_actions(task_id))[1] == 1.0, (item_ids, task_id)
+
+
+def test_digit_ids_are_b0_and_four_digits():
+    env = make_env("minishop", item_ids="digits")
+    assert all(re.fullmatch(r"B0\d{4}", product_id) for product_id in env.shop.products)
+
+
+def test_position_naming_numbers_the_page_and_clicks_by_number():
+    env = make_env("minishop", item_ids="position", results_per_page=3)
+    task_id = env.task_ids("test_unseen")[0]
+    env.reset(task_id)
+    page = env.step(env.expert_actions(task_id)[0])[0]
+    assert re.findall(r"^\[(\w+)\]", page, re.MULTILINE) == ["1", "2", "3"]
+    target = env.goal(task_id)["target_id"]
+    assert target not in page  # ids are not shown: the agent names the item by its number
+    label = env.item_label(task_id, target)
+    assert env.expert_actions(task_id)[1] == f"click[{label}]" and f"item {label} " in env.expert_thoughts(task_id)[1]
+    other = "2" if label == "1" else "1"
+    item_page = env.step(f"click[{other}]")[0]
+    assert env.product(target).name not in item_page.splitlines()[0] or "$" in item_page  # the other item opened
+    assert env.step("click[< prev]")[0] == page
+    assert "click[<item number>]" in env.step("click[B0AAAA]")[0]  # ids are not clickable
+    assert env.step(f"click[{label}]")[0].splitlines()[0] == f"{env.product(target).name} | ${env.product(target).price:.2f}"
+
+
+def test_wrong_item_perturbation_swaps_the_number_under_position_naming():
+    from coevo_lib.analysis.perturb import wrong_item
+
+    env = make_env("minishop", item_ids="position", results_per_page=3, max_steps=8)
+    task_id = env.task_ids("test_seen")[0]
+    change = wrong_item(env, task_id)
+    expert_click = env.expert_actions(task_id)[1]
+    assert change.actions[1] != expert_click and re.fullmatch(r"click\[[123]\]", change.actions[1])
+    env.reset(task_id)
+    env.step(change.actions[0])
+    assert "Invalid" not in env.step(change.actions[1])[0]
+
+
+def test_unknown_item_naming_is_refused():
+    with pytest.raises(EnvError, match="item_ids must be one of letters, digits, position, got 'asin'"):
+        make_env("minishop", item_ids="asin")
+
+
+def test_large_unseen_split_reuses_held_out_pairs_and_never_train_pairs():
+    env = make_env("minishop", n_test_seen=400, n_test_unseen=400)
+    assert len(env.task_ids("test_unseen")) == 400 and len(env.task_ids("test_seen")) == 400
+    pair = lambda t: (env.shop.tasks[t].goal.type_name, env.shop.tasks[t].goal.attributes)  # noqa: E731
+    train_pairs = {pair(t) for t in env.task_ids("train")}
+    unseen_pairs = {pair(t) for t in env.task_ids("test_unseen")}
+    assert not unseen_pairs & train_pairs
+    assert len(unseen_pairs) == minishop_catalog.MAX_UNSEEN_PAIRS  # 400 tasks over the capped pairs
+    goals = [env.shop.tasks[t].goal for t in all_task_ids(env)]
+    assert len(set(goals)) == len(goals)  # no task repeats another's goal

@@ -80,7 +80,11 @@ def wrong_item(env, task_id: str) -> Perturbation | None:
     query = parse_action(env.expert_actions(task_id)[0])[1]
     first_page = search(env.shop, query, MAX_RESULTS)[: env.results_per_page]
     other = next((p.product_id for p in first_page if p.product_id != task.target_id), None)
-    return None if other is None else replaced(env, task_id, "wrong_item", ITEM_STEP, task.target_id, other)
+    if other is None:
+        return None
+    # Swap what the agent clicks: the product id, or the item's number on the page (item_ids=position).
+    target_label, other_label = env.item_label(task_id, task.target_id), env.item_label(task_id, other)
+    return replaced(env, task_id, "wrong_item", ITEM_STEP, target_label, other_label)
 
 
 def perturbed_episode(env, task_id: str, split: str, prompt, kind: str) -> Episode | None:

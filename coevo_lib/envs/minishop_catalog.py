@@ -58,7 +58,11 @@ BRANDS = ("acme", "nova", "zest", "orbit", "pico", "luma", "vero", "kiko", "brio
 MAX_ATTRIBUTES = 3
 TRAIN_PAIR_FRACTION = 0.6  # distinct pairs per train task: the rest repeat a pair with other options/bound
 CHEAP_SHARE, OVER_SHARE = 0.35, 0.75  # cheap prices below, over-price twins above these shares of the range
-UNSEEN_RESERVE = 2  # pairs kept out of train per unseen task (not every pair has >= 2 attributes)
+UNSEEN_RESERVE = 2  # pairs kept out of train per unseen pair (not every pair has >= 2 attributes)
+# At most this many held-out pairs: more test_unseen tasks draw new goals (options, bounds) for them, as
+# test_seen does for train pairs, so a large unseen split does not eat the pairs train needs.
+MAX_UNSEEN_PAIRS = 120
+ITEM_ID_ALPHABETS = {"letters": string.ascii_uppercase, "digits": string.digits}
 GOAL_DRAW_ATTEMPTS = 200
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # keeps "t-shirt" whole; drops punctuation
 
@@ -165,6 +169,7 @@ def choose_pairs(rng: random.Random, n_train: int, n_unseen: int) -> tuple[list,
     """(train pairs, held-out unseen pairs). Unseen pairs have >= 2 attributes; pairs whose
     attributes each occur with the same type in train come first, so unseen tasks recombine
     known words rather than introduce new ones."""
+    n_unseen = min(n_unseen, MAX_UNSEEN_PAIRS)
     pairs = all_pairs()
     rng.shuffle(pairs)
     # Large train sets repeat pairs more often rather than eat the pairs test_unseen needs.
@@ -182,17 +187,20 @@ def choose_pairs(rng: random.Random, n_train: int, n_unseen: int) -> tuple[list,
 class CatalogueBuilder:
     """Draws product groups for the pairs in use (see module doc)."""
 
-    def __init__(self, rng: random.Random, pairs_in_use: set):
+    def __init__(self, rng: random.Random, pairs_in_use: set, item_ids: str = "letters"):
         self.rng, self.pairs_in_use = rng, pairs_in_use
+        self.id_alphabet = ITEM_ID_ALPHABETS[item_ids]
         self.products: dict[str, Product] = {}
         self.groups: dict[tuple, tuple[Product, Product, Product | None]] = {}  # target, twin, missing-attr
 
     def new_id(self) -> str:
-        # Letters only after "B0": an id is then one word to a tokenizer, so a small model copies it
-        # from the results page in one step rather than spelling out digits and letters.
-        alphabet = string.ascii_uppercase
+        # letters: "B0" + 4 letters is one word to a byte-level BPE, so an id is one token, whose
+        # embedding only trains when that product appears in training: a tiny model then memorises
+        # the ids of train products and cannot name a product it never saw (test_unseen ~0% success).
+        # digits: the tokenizer splits digits, so an id is six tokens every product shares, and
+        # naming an unseen product is copying digits from the results page.
         while True:
-            candidate = "B0" + "".join(self.rng.choice(alphabet) for _ in range(4))
+            candidate = "B0" + "".join(self.rng.choice(self.id_alphabet) for _ in range(4))
             if candidate not in self.products:
                 return candidate
 
@@ -294,10 +302,10 @@ def draw_tasks(rng: random.Random, prefix: str, count: int, pick_pair, groups: d
     return tasks
 
 
-def build_shop(seed: int, n_train: int, n_test_seen: int, n_test_unseen: int) -> Shop:
+def build_shop(seed: int, n_train: int, n_test_seen: int, n_test_unseen: int, item_ids: str = "letters") -> Shop:
     rng = random.Random(seed)
     train_pairs, unseen_pairs = choose_pairs(rng, n_train, n_test_unseen)
-    builder = CatalogueBuilder(rng, set(train_pairs) | set(unseen_pairs))
+    builder = CatalogueBuilder(rng, set(train_pairs) | set(unseen_pairs), item_ids)
     for pair in train_pairs + unseen_pairs:
         builder.add_group(pair)
     used: set[Goal] = set()
@@ -305,11 +313,14 @@ def build_shop(seed: int, n_train: int, n_test_seen: int, n_test_unseen: int) ->
     def train_pair(i: int) -> tuple:
         return train_pairs[i] if i < len(train_pairs) else rng.choice(train_pairs)
 
+    def unseen_pair(i: int) -> tuple:
+        return unseen_pairs[i] if i < len(unseen_pairs) else rng.choice(unseen_pairs)
+
     splits = {
         "train": draw_tasks(rng, "train", n_train, train_pair, builder.groups, used),
         "test_seen": draw_tasks(rng, "test_seen", n_test_seen, lambda i: rng.choice(train_pairs),
                                 builder.groups, used),
-        "test_unseen": draw_tasks(rng, "test_unseen", n_test_unseen, lambda i: unseen_pairs[i], builder.groups, used),
+        "test_unseen": draw_tasks(rng, "test_unseen", n_test_unseen, unseen_pair, builder.groups, used),
     }
     shop = Shop(builder.products, {t.task_id: t for tasks in splits.values() for t in tasks},
                 {name: [t.task_id for t in tasks] for name, tasks in splits.items()})
