@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # files only; must precede any pyplot import (there is no
 import pandas as pd  # noqa: E402
 
 from coevo_lib import plots  # noqa: E402
-from coevo_lib.analysis import boundary_views, hard_negatives, loading, paired, tables  # noqa: E402
+from coevo_lib.analysis import boundary_views, hard_negatives, loading, paired, sensitivity, tables  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,17 @@ class Frames:
         return loading.runs_table(self.runs)
 
     @cached_property
+    def task_scores(self) -> pd.DataFrame:
+        return paired.load_task_scores(self.runs)
+
+    @cached_property
     def paired_summary(self) -> pd.DataFrame:
-        return paired.paired_differences(paired.load_task_scores(self.runs))
+        # The headline compares the main methods; the sweep variants have their own product (sensitivity.*).
+        return paired.paired_differences(sensitivity.without_sweep(self.task_scores))
+
+    @cached_property
+    def sensitivity_summary(self) -> pd.DataFrame:
+        return sensitivity.sensitivity(self.task_scores)
 
     @cached_property
     def metrics(self) -> pd.DataFrame:
@@ -91,14 +100,23 @@ def md(frame: pd.DataFrame) -> str:
 
 
 PRODUCTS = [
-    Product("paired_differences.png", "Headline: each method minus each reference (sft, eto, eto_sft) on the same "
-            "seed's test tasks, per split, reward (x100) and success (%): paired 95% intervals (random-effects "
-            "model over seeds x tasks), grey band = the minimum detectable effect (80% power); a hollow dot = "
-            "every task scored the same difference (no width, which is not certainty).",
+    Product("paired_differences.png", "Headline: each main method (the sensitivity variants are in "
+            "sensitivity.png) minus each reference (sft, eto, eto_sft) on the same seed's test tasks, per split, "
+            "reward (x100) and success (%): paired 95% intervals (random-effects model over seeds x tasks), grey "
+            "band = the minimum detectable effect (80% power); a hollow dot = every task scored the same "
+            "difference (no width, which is not certainty).",
             lambda f: plots.paired_differences(f.paired_summary)),
     Product("paired_differences.md", "The numbers behind paired_differences.png: difference [95% CI], minimum "
             "detectable effect, the unpaired half-width for contrast, seeds, tasks and the interval's design.",
             lambda f: paired.differences_markdown(f.paired_summary)),
+    Product("sensitivity.png", "coevo's sensitivity: each lambda_SFT (0, 0.25, 0.5 = coevo, 1) and target pair-mix "
+            "variant (own failures; + failure agent's, the default; + v1 failure > failure pairs) minus eto_sft on "
+            "the same seed's test tasks, reward (x100) per split: paired 95% intervals, grey band = minimum "
+            "detectable effect; variants without runs are marked (no runs).",
+            lambda f: plots.sensitivity(f.sensitivity_summary)),
+    Product("sensitivity.md", "The numbers behind sensitivity.png, reward and success: difference to eto_sft "
+            "[95% CI], minimum detectable effect, the unpaired half-width, seeds and tasks per variant and split.",
+            lambda f: sensitivity.sensitivity_markdown(f.sensitivity_summary)),
     Product("learning_curves.png", "Evaluation reward (x100) per iteration and test split; mean over seeds, "
             "band = 95% t-interval.", lambda f: plots.learning_curves(tables.learning_curves(f.evals))),
     Product("main_table.md", "Final evaluation reward (x100) per method and split: mean ± 95% CI (n seeds).",

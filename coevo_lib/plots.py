@@ -9,13 +9,14 @@ figure once, as a PNG (NotebookFigure).
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from coevo_lib.analysis import paired
+from coevo_lib.analysis import paired, sensitivity as sweep  # the module; plots.sensitivity is the figure
 
 METHOD_COLORS = {"sft": "#7f7f7f", "rft": "#bcbd22", "best_of_n": "#17becf", "eto": "#1f77b4",
                  "eto_sft": "#9edae5", "coevo": "#d62728", "coevo_frozen_failure": "#ff7f0e",
@@ -104,6 +105,40 @@ def paired_differences(summary: pd.DataFrame) -> Figure:
     axes[0].invert_yaxis()  # first comparison on top, as in the table (shared y: once)
     figure_legend(figure, axes[:1], ncols=1)
     return figure
+
+
+def sensitivity(summary: pd.DataFrame) -> Figure:
+    """Variant - eto_sft in reward along each sweep axis (rows) per split (columns): 95% interval, grey = +-MDE."""
+    rewards = summary[summary["metric"] == "reward"]
+    if rewards.empty:
+        return empty(sweep.NO_SENSITIVITY)
+    axes_drawn, splits = [a for a in sweep.AXES if a in set(rewards["axis"])], sorted(rewards["split"].unique())
+    figure, axes = grid(len(axes_drawn), len(splits), 4.8, 3.4, sharey=True)
+    for (row, axis), (col, split) in ((a, b) for a in enumerate(axes_drawn) for b in enumerate(splits)):
+        ax = axes[row, col]
+        sweep_panel(ax, axis, rewards[(rewards["axis"] == axis) & (rewards["split"] == split)])
+        ax.set_title(f"{split}: {axis}", fontsize=10)
+        ax.tick_params(axis="y", labelleft=col == 0)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"Δ {paired.METRICS['reward']} vs {sweep.REFERENCE}")
+    figure_legend(figure, axes.flat, ncols=2)
+    return figure
+
+
+def sweep_panel(ax, axis: str, rows: pd.DataFrame) -> None:
+    """One axis in one split: every value of the axis gets a tick, those without runs say so."""
+    variants = sweep.AXES[axis]
+    x = np.array([[label for label, _ in variants].index(m) for m in rows["method"]])
+    ax.bar(x, 2 * rows["mde"], bottom=-rows["mde"], width=0.6, color="#e4e4e4", label="± MDE (80% power)")
+    for xi, row in zip(x, rows.itertuples()):
+        ax.errorbar(xi, row.difference, yerr=[[row.difference - row.ci_low], [row.ci_high - row.difference]],
+                    fmt="o", ms=5, capsize=4, color=color("coevo"), mfc="white" if row.se == 0 else None,
+                    label=f"variant − {sweep.REFERENCE}, 95% CI")
+    ax.axhline(0.0, color="black", lw=0.8)
+    present = set(rows["method"])
+    ticks = [f"{textwrap.fill(value, 18)}\n{label if label in present else '(no runs)'}" for label, value in variants]
+    ax.set_xticks(range(len(variants)), ticks, fontsize=8)
+    ax.set_xlim(-0.6, len(variants) - 0.4)
 
 
 def failure_reward_histograms(histogram: pd.DataFrame) -> Figure:
