@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--only", action="append", default=[], help="run only these entry names")
     study.add_argument("--workers", type=int, default=None,
                        help="runs at once (default: the study file's workers)")
+    study.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="run only these of the study's seeds (e.g. a sweep's first seeds first)")
     study.add_argument("--runs-only", action="store_true",
                        help="stop after the runs: no analysis notebooks, no figures (a study run in parts)")
     sub.add_parser("envs", help="list registered environments")
@@ -62,7 +64,8 @@ def command_run(args: argparse.Namespace) -> int:
 def command_study(args: argparse.Namespace) -> int:
     from coevo_lib.study import run_study
 
-    return run_study(args.study_file, only=args.only, workers=args.workers, analysis=not args.runs_only)
+    return run_study(args.study_file, only=args.only, workers=args.workers, analysis=not args.runs_only,
+                     seeds=args.seeds)
 
 
 def command_envs(_: argparse.Namespace) -> int:

@@ -282,7 +282,7 @@ def limit_threads(threads: int) -> None:
 
 
 def run_study(study_file: str | Path, only: list[str] | None = None, workers: int | None = None,
-              analysis: bool = True) -> int:
+              analysis: bool = True, seeds: list[int] | None = None) -> int:
     """Run a study end to end; returns 0 when every run and notebook succeeded, 1 otherwise.
 
     ``analysis=False`` stops after the runs (no analysis notebooks, no figures): for a study run in parts.
@@ -296,7 +296,10 @@ def run_study(study_file: str | Path, only: list[str] | None = None, workers: in
     unknown = sorted(set(only or []) - {entry.name for entry in study.entries})
     if unknown:
         raise ConfigError(f"--only names unknown entries {unknown}; entries: {[e.name for e in study.entries]}")
-    runs = [r for r in plan(study) if not only or r.entry in only]
+    unplanned = sorted(set(seeds or []) - {r.seed for r in plan(study)})
+    if unplanned:
+        raise ConfigError(f"--seeds names seeds the study does not plan: {unplanned}")
+    runs = [r for r in plan(study) if (not only or r.entry in only) and (not seeds or r.seed in seeds)]
     check_inputs(study, runs)
     failures = run_all(study, runs)
     finished = any(is_finished(r.run_dir) for r in plan(study))

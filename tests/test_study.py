@@ -42,6 +42,7 @@ def test_plan_expands_entries_and_seeds(tmp_path):
     ({"name": "s", "entries": []}, "at least one recipe"),
     ({"name": "s", "entries": [{"recipe": "a/x.yaml"}, {"recipe": "b/x.yaml"}]}, "unique"),
     ({"name": "s", "entries": [{"name": "x"}]}, r"entries\[0\].recipe is required"),
+    ({"name": "s", "entries": [{"recipe": "x.yaml"}], "workers": 0}, "workers must be >= 1, got 0"),
 ])
 def test_bad_study_files_name_the_problem(tmp_path, fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -57,6 +58,26 @@ def test_study_files_in_the_repo_load():
     # Every method recipe is in the full study; base and the quickstart's small SFT recipe are not methods.
     methods = [p for p in Path("configs/minishop").glob("*.yaml") if p.stem not in ("base", "quickstart")]
     assert len(plan(load_study("configs/studies/minishop.yaml"))) == 3 * len(methods)
+
+
+def test_results_and_sensitivity_studies_agree_on_their_shared_settings():
+    # The sweep pairs its variants with the results study's runs in the same runs_root: same sizes, same SFT.
+    results, sweep = load_study("configs/studies/results.yaml"), load_study("configs/studies/sensitivity.yaml")
+    assert results.runs_root == sweep.runs_root and results.overrides == sweep.overrides
+    assert len(results.seeds) >= 5 and results.overrides["rollout.samples_per_task"] > 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seeds": [7]}, r"--seeds names seeds the study does not plan: \[7\]"),
+    ({"workers": 0}, "--workers must be >= 1, got 0"),
+    ({"only": ["nope"]}, "--only names unknown entries"),
+])
+def test_bad_command_line_selections_are_refused_before_running(tmp_path, kwargs, message):
+    study = write_study(tmp_path / "s.yaml", name="s", runs_root=str(tmp_path / "runs"),
+                        entries=[{"recipe": "configs/minishop/sft.yaml"}])
+    with pytest.raises(ConfigError, match=message):
+        run_study(study, **kwargs)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_recipe_is_refused_before_running(tmp_path):

@@ -18,9 +18,14 @@ matched are those the agent selected on the item page. Every other step rewards 
 
 Splits: a task targets a (type, attribute combination) pair. ``train`` tasks use a seeded set of
 pairs; ``test_seen`` draws new options and price bounds for train pairs; ``test_unseen`` uses pairs
-of 2-3 attributes that no train task uses. No product type is held out: unseen tasks recombine
-attributes that (at the default sizes) each occur with that type in train, a test of composition
-rather than of new words.
+of 2-3 attributes that no train task uses (one task per pair up to 120 pairs, then new options and
+bounds for those pairs, so a large unseen split never takes pairs from train). No product type is held
+out: unseen tasks recombine attributes that (at the default sizes) each occur with that type in train,
+a test of composition rather than of new words.
+
+Items on a results page are named by product id (``item_ids``: ``letters``, WebShop-like, the
+environment's default; ``digits``) or by their number on the page (``position``, the embedded study's
+recipes): see ``ITEM_NAMING``.
 """
 
 from __future__ import annotations
