@@ -247,10 +247,11 @@ def collapse_monitor(monitor: pd.DataFrame) -> Figure:
     for ax, (column, title) in zip(axes, panels):
         for (run, method, agent), data in monitor.groupby(["run", "method", "agent"]):
             data = data.sort_values("iteration")
-            ax.plot(data["iteration"], data[column], marker="o", color=color(method), label=f"{run} ({agent})")
+            # one line per run, one legend entry per method: a study's seeds would hide a panel under the legend
+            ax.plot(data["iteration"], data[column], marker="o", color=color(method), label=f"{method} ({agent})")
         ax.set(title=title, xlabel="iteration", ylim=(-0.02, 1.02))
         iteration_ticks(ax, monitor["iteration"])
-    axes[-1].legend(fontsize=7)
+    figure_legend(figure, axes, ncols=3)
     return figure
 
 
