@@ -113,13 +113,17 @@ def sensitivity(summary: pd.DataFrame) -> Figure:
     if rewards.empty:
         return empty(sweep.NO_SENSITIVITY)
     axes_drawn, splits = [a for a in sweep.AXES if a in set(rewards["axis"])], sorted(rewards["split"].unique())
-    figure, axes = grid(len(axes_drawn), len(splits), 4.8, 3.4, sharey=True)
+    # y shared within an axis (row) only, and never past +-100: a reward difference cannot exceed that,
+    # and a 2-seed interval that does would flatten every other variant of the row.
+    figure, axes = grid(len(axes_drawn), len(splits), 4.8, 3.4, sharey="row")
     for (row, axis), (col, split) in ((a, b) for a in enumerate(axes_drawn) for b in enumerate(splits)):
         ax = axes[row, col]
         sweep_panel(ax, axis, rewards[(rewards["axis"] == axis) & (rewards["split"] == split)])
         ax.set_title(f"{split}: {axis}", fontsize=10)
         ax.tick_params(axis="y", labelleft=col == 0)
     for ax in axes[:, 0]:
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(low, -100.0), min(high, 100.0))
         ax.set_ylabel(f"Δ {paired.METRICS['reward']} vs {sweep.REFERENCE}")
     figure_legend(figure, axes.flat, ncols=2)
     return figure
