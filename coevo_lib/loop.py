@@ -221,8 +221,7 @@ class Workbench:
                    if k not in ("temperature", "samples_per_task", "max_tasks")}
         inputs = {"sft": sft.name, "rollout": rollout, "agent": agent, "iteration": iteration,
                   "temperature": temperature, "kind": kind, "refs": [dataclasses.astuple(r) for r in refs]}
-        digest = hashlib.sha256(json.dumps(inputs, default=asdict_or_str, sort_keys=True).encode()).hexdigest()[:16]
-        return sft.parent / f"rollout-{digest}"
+        return sft.parent / f"rollout-{digest_of(inputs)}"
 
     def fresh_roll(self, agent: str, checkpoint: str, iteration: int, refs: list[TaskRef], temperature: float,
                    kind: str, out: Path) -> tuple[list[Episode], dict[str, Any]]:
@@ -308,8 +307,12 @@ def shared_sft_dir(config: RunConfig, runs_parent: Path) -> Path:
     """
     inputs = {"env": config.env, "model": config.model, "prompt": config.prompt, "sft": config.sft,
               "seed": config.seed}
-    digest = hashlib.sha256(json.dumps(inputs, default=asdict_or_str, sort_keys=True).encode()).hexdigest()[:16]
-    return runs_parent / "_shared" / f"sft-{digest}"
+    return runs_parent / "_shared" / f"sft-{digest_of(inputs)}"
+
+
+def digest_of(inputs: dict[str, Any]) -> str:
+    """A short stable hash of a stage's inputs (dataclasses as dicts): the name of what it shares."""
+    return hashlib.sha256(json.dumps(inputs, default=asdict_or_str, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def asdict_or_str(value: Any) -> Any:

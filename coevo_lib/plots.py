@@ -180,24 +180,29 @@ def threshold_curves(curve: pd.DataFrame) -> Figure:
     return figure
 
 
-def stacked_bars(ax, data: pd.DataFrame, label_column: str, parts: Sequence[str], colors: Sequence[str]) -> None:
-    bottom = np.zeros(len(data))
+def stacked_bars(data: pd.DataFrame, parts: Sequence[str], colors: Sequence[str], xlabel: str) -> Figure:
+    """One horizontal bar per row of ``data`` (labelled by its ``label`` column), split into ``parts``.
+
+    Horizontal, so the figure grows taller, not wider, with the rows (a 5-seed study has dozens).
+    """
+    figure, axes = grid(1, 1, 7.0, max(3.0, 0.22 * len(data) + 1.2))
+    ax, left = axes[0, 0], np.zeros(len(data))
     for part, part_color in zip(parts, colors):
-        ax.bar(data[label_column], data[part], bottom=bottom, color=part_color, label=part)
-        bottom += data[part].to_numpy(dtype=float)
-    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        ax.barh(data["label"], data[part], left=left, color=part_color, label=part)
+        left += data[part].to_numpy(dtype=float)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.invert_yaxis()  # first row on top, as in the table
+    ax.set_xlabel(xlabel)
+    figure_legend(figure, [ax], ncols=3)  # below the bars, which fill the panel's width
+    return figure
 
 
 def outcome_mix(mix: pd.DataFrame) -> Figure:
     """Successes, ordinary failures and hard negatives per agent and iteration (summed over seeds)."""
     if mix.empty:
         return empty("no rollouts")
-    figure, axes = grid(1, 1, max(6.0, 0.45 * len(mix)), 3.5)
-    stacked_bars(axes[0, 0], mix, "label", ["successes", "ordinary_failures", "hard_negatives"],
-                 ["#2ca02c", "#7f7f7f", "#d62728"])
-    axes[0, 0].set_ylabel("episodes")
-    axes[0, 0].legend(fontsize=8)
-    return figure
+    return stacked_bars(mix, ["successes", "ordinary_failures", "hard_negatives"], ["#2ca02c", "#7f7f7f", "#d62728"],
+                        "episodes")
 
 
 def pair_mix(pairs: pd.DataFrame) -> Figure:
@@ -205,12 +210,7 @@ def pair_mix(pairs: pd.DataFrame) -> Figure:
     if pairs.empty:
         return empty("no preference pairs")
     kinds = [c for c in pairs.columns if c != "label"]
-    figure, axes = grid(1, 1, max(6.0, 0.45 * len(pairs)), 3.5)
-    palette = [f"C{i}" for i in range(len(kinds))]
-    stacked_bars(axes[0, 0], pairs, "label", kinds, palette)
-    axes[0, 0].set_ylabel("pairs")
-    axes[0, 0].legend(fontsize=7)
-    return figure
+    return stacked_bars(pairs, kinds, [f"C{i}" for i in range(len(kinds))], "pairs")
 
 
 def boxes(ax, data: pd.DataFrame, by: str, value: str, horizontal: bool = False) -> None:

@@ -248,26 +248,30 @@ def run_all(study: Study, runs: list[PlannedRun]) -> list[str]:
     """
     if study.workers == 1:
         return [message for run in runs if (message := run_one(study, run))]
-    leaders = {id(run) for run in {run.seed: run for run in reversed(runs)}.values()}
+    first_of_seed = {run.seed: index for index, run in reversed(list(enumerate(runs)))}
     seeds_started: set[int] = set()  # seeds whose first run has finished (or failed)
-    queue, in_flight, messages = list(runs), {}, {}
+    queue, in_flight, messages = list(enumerate(runs)), {}, {}
+
+    def startable(index: int, run: PlannedRun) -> bool:  # its seed's first run, or that one is done
+        return first_of_seed[run.seed] == index or run.seed in seeds_started
+
     # Processes, not threads: each worker sets its kernels' thread count before starting them. The tiny
     # model's steps are too small for 2 threads to help much, so 2 one-thread runs beat one 2-thread run.
     threads = max(1, (os.cpu_count() or 1) // study.workers)
     with ProcessPoolExecutor(study.workers, initializer=limit_threads, initargs=(threads,)) as pool:
         while queue or in_flight:
             while len(in_flight) < study.workers:
-                ready = next((r for r in queue if id(r) in leaders or r.seed in seeds_started), None)
+                ready = next(((index, run) for index, run in queue if startable(index, run)), None)
                 if ready is None:
                     break
                 queue.remove(ready)
-                in_flight[pool.submit(run_one, study, ready)] = ready
+                in_flight[pool.submit(run_one, study, ready[1])] = ready
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
-                run = in_flight.pop(future)
+                index, run = in_flight.pop(future)
                 seeds_started.add(run.seed)
                 if message := future.result():
-                    messages[runs.index(run)] = message
+                    messages[index] = message
     return [messages[index] for index in sorted(messages)]
 
 
@@ -296,13 +300,14 @@ def run_study(study_file: str | Path, only: list[str] | None = None, workers: in
     unknown = sorted(set(only or []) - {entry.name for entry in study.entries})
     if unknown:
         raise ConfigError(f"--only names unknown entries {unknown}; entries: {[e.name for e in study.entries]}")
-    unplanned = sorted(set(seeds or []) - {r.seed for r in plan(study)})
+    planned = plan(study)
+    unplanned = sorted(set(seeds or []) - {r.seed for r in planned})
     if unplanned:
         raise ConfigError(f"--seeds names seeds the study does not plan: {unplanned}")
-    runs = [r for r in plan(study) if (not only or r.entry in only) and (not seeds or r.seed in seeds)]
+    runs = [r for r in planned if (not only or r.entry in only) and (not seeds or r.seed in seeds)]
     check_inputs(study, runs)
     failures = run_all(study, runs)
-    finished = any(is_finished(r.run_dir) for r in plan(study))
+    finished = any(is_finished(r.run_dir) for r in planned)
     if analysis and not finished:
         failures.append(f"study {study.name}: no finished run, analysis notebooks and figures skipped")
     elif analysis:

@@ -97,13 +97,20 @@ def render_search(instruction: str) -> str:
     return f"Instruction: {instruction}\n[Search]"
 
 
+def page_labels(products: list[Product], by_position: bool) -> list[str]:
+    """What the agent clicks for each product shown on a results page: its number or its id."""
+    return [str(i) for i in range(1, len(products) + 1)] if by_position else [p.product_id for p in products]
+
+
 def render_product_line(product: Product, label: str | None = None) -> str:
-    """``[label] name | $price``; the label is the product id unless the page numbers its items."""
-    return f"[{label or product.product_id}] {product.name} | ${product.price:.2f}"
+    """``[label] name | $price``, the label defaulting to the product id; no label when it is ""."""
+    label = product.product_id if label is None else label
+    return f"[{label}] {product.name} | ${product.price:.2f}" if label else f"{product.name} | ${product.price:.2f}"
 
 
 def render_item(product: Product, by_position: bool = False) -> str:
-    lines = [f"{product.name} | ${product.price:.2f}" if by_position else render_product_line(product)]
+    # The item page shows the id only where agents click ids: with numbered pages there is no number here.
+    lines = [render_product_line(product, "" if by_position else None)]
     lines += [f"{dim}: " + " ".join(f"[{v}]" for v in values) for dim, values in product.options]
     lines.append("[Buy Now] [< Prev] [Back to Search]")
     return "\n".join(lines)
@@ -161,8 +168,8 @@ class ShopEpisode:
             return self.show_results(self.page_index + 1)
         if target == PREV and self.page_index > 0:
             return self.show_results(self.page_index - 1)
-        labels = [str(i) for i in range(1, len(shown) + 1)] if self.by_position else [p.product_id.lower() for p in shown]
-        product = next((p for p, label in zip(shown, labels) if label == target), None)
+        labels = page_labels(shown, self.by_position)
+        product = next((p for p, label in zip(shown, labels) if label.lower() == target), None)
         return None if product is None else self.open_item(product)
 
     def click_on_item(self, target: str) -> StepResult | None:
@@ -191,8 +198,8 @@ class ShopEpisode:
         n_pages = max(1, -(-len(self.results) // self.results_per_page))
         lines = [f"Results page {page_index + 1}/{n_pages}:"]
         shown = self.page_products()
-        labels = [str(i) for i in range(1, len(shown) + 1)] if self.by_position else [None] * len(shown)
-        lines += [render_product_line(p, label) for p, label in zip(shown, labels)] or ["No products match."]
+        rows = [render_product_line(p, label) for p, label in zip(shown, page_labels(shown, self.by_position))]
+        lines += rows or ["No products match."]
         buttons = ["[Back to Search]"] + ["[< Prev]"] * (page_index > 0) + ["[Next >]"] * self.has_next_page()
         return self.observe("\n".join(lines + [" ".join(buttons)]))
 
@@ -271,7 +278,7 @@ class MiniShopEnv(TextEnv):
         if not self.by_position:
             return product_id
         first_page = search(self.shop, self.expert_query(task_id), MAX_RESULTS)[: self.results_per_page]
-        return str([p.product_id for p in first_page].index(product_id) + 1)
+        return dict(zip((p.product_id for p in first_page), page_labels(first_page, True)))[product_id]
 
     def step(self, action: str) -> StepResult:
         return live_episode(self._episode).step(action)
