@@ -3,9 +3,11 @@ batches, against plain fp32 batches, in one process on the same data and model.
 
     python bench/precision.py [--experts 96] [--pairs 64] [--threads 1 2] [--epochs 2]
 
-The model is configs/minishop/base.yaml's tiny model (96 wide, 2 layers) on its environment settings
-(the study's model); SFT runs coevo's fit_sft on expert trajectories, DPO coevo's masked DPO trainer on
-expert > replayed-failure pairs. Variants change only the trainer arguments:
+The model is configs/minishop/base.yaml's tiny model (96 wide, 2 layers; the study's model). SFT runs
+coevo's fit_sft on expert trajectories of that recipe's environment (position-numbered items); DPO runs
+coevo's masked DPO trainer on bench/dpo.py's expert > replayed-failure pairs, which come from minishop's
+default settings (product ids, longer pages), so DPO rows are longer than the study's. Variants change
+only the trainer arguments:
 - bf16: TrainingArguments(bf16=True) on CPU, which trains under torch.autocast(cpu, bfloat16) with fp32
   master weights (this CPU has AVX-512 BF16);
 - grouped: train_sampling_strategy=group_by_length (batches of similar lengths: less padding, same
@@ -40,6 +42,8 @@ from dpo import bench_pairs  # noqa: E402  (expert > replayed-failure pairs)
 
 GROUPED = {"train_sampling_strategy": "group_by_length"}
 VARIANTS = {"fp32": {}, "bf16": {"bf16": True}, "grouped": GROUPED, "bf16+grouped": {"bf16": True, **GROUPED}}
+# transformers groups by input_ids, which preference rows do not have: DPO gets the ungrouped variants.
+STAGE_VARIANTS = {"sft": list(VARIANTS), "dpo": ["fp32", "bf16"]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,10 +91,8 @@ def main() -> None:
             torch.set_num_threads(threads)
             for kind in ("sft", "dpo"):
                 base = None
-                for name, extra in VARIANTS.items():
-                    if kind == "dpo" and "train_sampling_strategy" in extra:
-                        continue  # transformers groups by input_ids, which preference rows do not have
-                    use_variant(extra)
+                for name in STAGE_VARIANTS[kind]:
+                    use_variant(VARIANTS[name])
                     model = build_tiny_model(config.model.tiny, tokenizer, seed=0)
                     out = Path(tmp) / f"{kind}-{threads}-{name}"
                     start = time.perf_counter()
