@@ -213,3 +213,17 @@ def test_paired_differences_from_saved_runs_use_each_runs_final_evaluation(tmp_p
     text = paired.differences_markdown(summary)
     assert "| eto − sft | test_seen | +30.0 [" in text and "random-effects" in text
     assert plots.paired_differences(summary)._repr_png_().startswith(b"\x89PNG")
+
+
+def test_best_of_n_scores_each_task_by_its_best_sample_and_other_methods_by_the_mean():
+    def episode(method, task, reward):
+        return {"run": f"{method}-seed0", "method": method, "seed": 0, "split": "test_seen", "task_id": task,
+                "iteration": 0, "reward": reward, "success": reward == 1.0}
+    samples = {"t0": [0.2, 1.0, 0.5, 0.0], "t1": [0.3, 0.3, 0.1, 0.6]}
+    episodes = pd.DataFrame([episode(m, task, r) for m in ("best_of_n", "sft") for task, rs in samples.items()
+                             for r in rs])
+    scores = paired.task_scores(episodes).set_index(["method", "task_id"])
+    assert scores.loc[("best_of_n", "t0"), ["reward", "success"]].tolist() == [100.0, 100.0]
+    assert scores.loc[("best_of_n", "t1"), ["reward", "success"]].tolist() == [60.0, 0.0]
+    assert scores.loc[("sft", "t0"), "reward"] == pytest.approx(42.5)  # mean of 20, 100, 50, 0
+    assert scores.loc[("sft", "t0"), "success"] == pytest.approx(25.0)

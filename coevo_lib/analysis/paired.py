@@ -68,11 +68,17 @@ def load_task_scores(run_dirs: Iterable[Path]) -> pd.DataFrame:
 def task_scores(episodes: pd.DataFrame) -> pd.DataFrame:
     """Evaluation episodes at each run's last evaluated iteration -> reward x100 and success % per task.
 
-    A task evaluated with several samples scores the mean of its episodes.
+    best_of_n scores each task by its highest-reward sample, as its evaluation does (an oracle selector:
+    evaluate.best_of_n_metrics); any other method evaluated with several samples scores their mean.
     """
     final = episodes[episodes["iteration"] == episodes.groupby("run")["iteration"].transform("max")]
     final = final.assign(reward=100.0 * final["reward"].astype(float), success=100.0 * final["success"].astype(float))
-    return final.groupby(["run", "method", *PAIR_KEYS], as_index=False)[list(METRICS)].mean()
+    keys = ["run", "method", *PAIR_KEYS]
+    oracle = final["method"] == "best_of_n"
+    # A stable sort keeps the first of equal-reward samples, the one best_of_n_metrics keeps.
+    best = final[oracle].sort_values("reward", ascending=False, kind="stable").drop_duplicates(keys)
+    scored = [best[keys + list(METRICS)], final[~oracle].groupby(keys, as_index=False)[list(METRICS)].mean()]
+    return pd.concat([s for s in scored if not s.empty] or scored[1:], ignore_index=True)
 
 
 def method_scores(scores: pd.DataFrame, method: str) -> pd.DataFrame:
