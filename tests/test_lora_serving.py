@@ -162,7 +162,7 @@ def engines(lora_run) -> dict[str, dict]:
 @pytest.mark.vllm
 def test_a_lora_run_serves_adapters_on_one_base_started_once(lora_run):
     base = lora_run.checkpoint("base").resolve()
-    checkpoints = ("sft", "target-it1", "failure-it1", "target-it2", "failure-it2")
+    checkpoints = ("sft", "target-it1", "failure-it1", "target-it2")  # the last failure update is skipped
     for name in checkpoints:
         assert is_adapter_only(lora_run.checkpoint(name)) and adapter_base(lora_run.checkpoint(name)) == str(base)
     stats = engines(lora_run)

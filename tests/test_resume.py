@@ -108,11 +108,24 @@ def test_shrinking_iterations_is_refused(unbroken):
     assert result.returncode == 2 and "loop.iterations" in result.stderr
 
 
+def by_stage(rows: list[dict]) -> dict[str, dict]:
+    return {row["stage"]: row for row in rows}
+
+
+def test_the_last_iterations_failure_agent_update_is_skipped(unbroken):
+    stages = by_stage(stable_metrics(unbroken))
+    assert "it1-train-failure" in stages and (unbroken / "checkpoints" / "failure-it1").is_dir()
+    assert "it2-train-failure" not in stages and not (unbroken / "checkpoints" / "failure-it2").exists()
+    assert "it2-train-target" in stages and "it2-pairs-second" in stages  # its pairs are still counted
+
+
 def test_finished_run_extended_by_an_iteration_equals_an_unbroken_longer_run(unbroken, tmp_path):
     run_dir = tmp_path / "run"
     run_to_end(run_dir, ("loop.iterations=1",))
     assert not (run_dir / "stages" / "it2-eval.json").exists()
-    run_to_end(run_dir)  # SMOKE says 2 iterations
-    assert stable_metrics(run_dir) == stable_metrics(unbroken)
+    assert not (run_dir / "stages" / "it1-train-failure.json").exists()  # last iteration then
+    run_to_end(run_dir)  # SMOKE says 2 iterations: iteration 1's failure update runs now, before iteration 2
+    # Same rows; the extended run logs it1-train-failure later than the unbroken run does.
+    assert by_stage(stable_metrics(run_dir)) == by_stage(stable_metrics(unbroken))
     assert max(episode_ids(run_dir).values()) == 1
     assert "iterations: 2" in (run_dir / "config.yaml").read_text()
