@@ -6,11 +6,14 @@ call: it executes 10-run per entry and then every analysis notebook on those run
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 
@@ -134,6 +137,29 @@ def test_analysis_notebook_executed_on_the_smoke_runs(smoke_study, path):
     if not executed_path.exists():  # a notebook the study does not list: execute it here
         execute(path.resolve(), executed_path, {"runs_root": str(smoke_study / "runs")})
     assert not error_outputs(nbformat.read(executed_path, as_version=4))
+
+
+def test_boundary_work_shared_between_runs_and_processes_equals_each_run_scored_alone(smoke_study, tmp_path):
+    from coevo_lib.analysis import boundary
+    from coevo_lib.analysis.loading import BOUNDARY_FILE, require_runs
+
+    root = tmp_path / "runs"
+    shutil.copytree(smoke_study / "runs", root, symlinks=True)
+    # A third run with its own SFT model (no shared_sft marker), so that two processes get one model each.
+    shutil.copytree(root / "coevo-seed0", root / "coevo-own-sft", symlinks=True)
+    marker = root / "coevo-own-sft" / "stages" / "sft.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "shared_sft"}))
+    runs = require_runs(root)
+    assert [len(batch) for batch in boundary.worker_batches(runs, 2)] == [2, 1]  # eto + coevo share an SFT model
+    alone = {}
+    for run in runs:  # no shared work: each run gathers its negatives and scores its SFT model itself
+        boundary.compute_boundary(run, pool=runs, force=True, max_negatives=20)
+        alone[run.name] = pd.read_json(run / BOUNDARY_FILE, lines=True)
+    boundary.compute_boundaries(root, force=True, max_negatives=20, workers=2)
+    for run in runs:
+        shared = pd.read_json(run / BOUNDARY_FILE, lines=True)
+        assert len(shared) > 0
+        pd.testing.assert_frame_equal(shared, alone[run.name], rtol=1e-5)  # thread counts reorder float sums
 
 
 def test_boundary_margins_and_figures_written(smoke_study):

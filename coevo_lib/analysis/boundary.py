@@ -33,7 +33,8 @@ read it. Summaries of the rows are in coevo_lib.analysis.boundary_views.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -106,11 +107,40 @@ def boundary_items(experts: dict[tuple[str, str], Episode], negatives: list[Nega
             for n in negatives]
 
 
-def run_negatives(run_dir: Path, pool: Iterable[Path], config, env, max_negatives: int | None) -> list[Negative]:
-    """Every source's negatives for ``run_dir`` (capped per source); perturbed experts on its evaluated tasks."""
+def run_negatives(runs: list[Path], config, env, max_negatives: int | None) -> list[Negative]:
+    """Every source's negatives from ``runs`` (capped per source); perturbed experts on the evaluated tasks."""
     tasks = [(split, t) for split in config.eval.splits for t in env.task_ids(split)[: config.eval.max_tasks]]
-    negatives = natural_negatives(compatible_runs(run_dir, pool)) + perturbed_negatives(env, config.prompt, tasks)
+    negatives = natural_negatives(runs) + perturbed_negatives(env, config.prompt, tasks)
     return capped_per_source(negatives, max_negatives)
+
+
+@dataclass
+class SharedWork:
+    """What the runs of one root would each repeat, done once: runs with the same environment and prompt
+    draw the same negatives from the same pool, and the runs of a seed start from one SFT model, whose
+    scores are the same for all of them. Keys hold everything the cached value depends on."""
+
+    items: dict[tuple, list[BoundaryItem]] = field(default_factory=dict)
+    scores: dict[tuple, list[dict[str, float | None]]] = field(default_factory=dict)
+    tokens: dict[str, dict] = field(default_factory=dict)  # per SFT model: its checkpoints share its tokenizer
+
+
+def run_items(run_dir: Path, pool: Iterable[Path], config, max_negatives: int | None,
+              shared: SharedWork) -> tuple[tuple, list[BoundaryItem]]:
+    """The pairs ``run_dir`` is scored on, and the key they are cached under in ``shared``."""
+    from coevo_lib.envs import make_env
+
+    runs = compatible_runs(run_dir, pool)
+    key = (tuple(map(str, runs)), tuple(config.eval.splits), config.eval.max_tasks, max_negatives)
+    if key not in shared.items:
+        env = make_env(config.env.name, **config.env.kwargs)
+        try:
+            negatives = run_negatives(runs, config, env, max_negatives)
+            experts = heldout_experts(env, config.prompt, {(n.episode.split, n.episode.task_id) for n in negatives})
+        finally:
+            env.close()
+        shared.items[key] = boundary_items(experts, negatives)
+    return key, shared.items[key]
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -261,9 +291,11 @@ def margin_row(item: BoundaryItem, iteration: int, scores: dict, ref: dict, beta
 
 
 def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force: bool = False,
-                     max_negatives: int | None = MAX_NEGATIVES) -> Path:
-    """Write ``<run>/analysis/boundary.jsonl`` (one row per checkpoint and pair); cached."""
-    from coevo_lib.envs import make_env
+                     max_negatives: int | None = MAX_NEGATIVES, shared: SharedWork | None = None) -> Path:
+    """Write ``<run>/analysis/boundary.jsonl`` (one row per checkpoint and pair); cached.
+
+    ``shared`` carries negatives and SFT scores from run to run (compute_boundaries passes one).
+    """
     from coevo_lib.runs import RunDir
     from coevo_lib.seeding import quiet_libraries
 
@@ -272,18 +304,18 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
     if out.exists() and not force:
         return out
     quiet_libraries()
+    shared = SharedWork() if shared is None else shared
     config = RunDir(run_dir).load_config()
-    env = make_env(config.env.name, **config.env.kwargs)
-    try:
-        negatives = run_negatives(run_dir, [Path(p) for p in pool], config, env, max_negatives)
-        experts = heldout_experts(env, config.prompt, {(n.episode.split, n.episode.task_id) for n in negatives})
-    finally:
-        env.close()
-    items = boundary_items(experts, negatives)
+    items_key, items = run_items(run_dir, [Path(p) for p in pool], config, max_negatives, shared)
     checkpoints = target_checkpoints(run_dir, run_info(run_dir)["iterations"])
-    token_cache: dict = {}
-    scores = {k: score_items(checkpoint_scorer(path, config.model, token_cache), items)
-              for k, path in checkpoints.items()}
+    token_cache = shared.tokens.setdefault(model_identity(run_dir, "target", 0), {})
+    scores, reused = {}, 0
+    for k, path in checkpoints.items():
+        key = (model_identity(run_dir, "target", k), items_key)
+        reused += key in shared.scores
+        if key not in shared.scores:
+            shared.scores[key] = score_items(checkpoint_scorer(path, config.model, token_cache), items)
+        scores[k] = shared.scores[key]
     rows = [margin_row(item, k, scores[k][i], scores[0][i], config.dpo.beta, model_identity(run_dir, "target", k))
             for k in sorted(scores) for i, item in enumerate(items)]
     write_json_atomic(out.with_suffix(".json"), {
@@ -292,12 +324,66 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
         "sources": {s: sum(i.source == s for i in items) for s in sorted({i.source for i in items})},
         "checkpoints": {k: str(p) for k, p in checkpoints.items()}})
     write_jsonl_atomic(out, rows)
-    log.info("boundary margins of %s: %d pairs x %d checkpoints", run_dir.name, len(items), len(checkpoints))
+    log.info("boundary margins of %s: %d pairs x %d checkpoints (%d scored before, by a run with the same model)",
+             run_dir.name, len(items), len(checkpoints), reused)
     return out
 
 
 def compute_boundaries(runs_root: str | Path, force: bool = False,
-                       max_negatives: int | None = MAX_NEGATIVES) -> list[Path]:
-    """Margins for every finished run under ``runs_root``, each scored on the pooled negatives of all."""
+                       max_negatives: int | None = MAX_NEGATIVES, workers: int = 1) -> list[Path]:
+    """Margins for every finished run under ``runs_root``, each scored on the pooled negatives of all.
+
+    ``workers`` > 1 scores in that many processes (one torch thread each when they share the cores), the
+    runs of one SFT model in the same process so that its scores are computed once. A run whose file is
+    written stays written if another fails.
+    """
     runs = require_runs(runs_root)  # NoRunsError: one line in a notebook, not a traceback
-    return [compute_boundary(run, pool=runs, force=force, max_negatives=max_negatives) for run in runs]
+    todo = [run for run in runs if force or not (run / BOUNDARY_FILE).exists()]
+    batches = worker_batches(todo, workers)
+    if len(batches) <= 1:
+        shared = SharedWork()
+        for run in todo:
+            compute_boundary(run, pool=runs, force=force, max_negatives=max_negatives, shared=shared)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // len(batches))
+        # spawn, not fork: the parent (often a Jupyter kernel) has torch's thread pools running.
+        with ProcessPoolExecutor(len(batches), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=set_torch_threads, initargs=(threads,)) as executor:
+            futures = [executor.submit(boundary_batch, batch, runs, force, max_negatives) for batch in batches]
+            for future in futures:
+                for name in future.result():
+                    log.info("boundary margins of %s written", name)
+    return [run / BOUNDARY_FILE for run in runs]
+
+
+def worker_batches(runs: list[Path], workers: int) -> list[list[Path]]:
+    """``runs`` in at most ``workers`` batches of about equal checkpoint counts (largest groups first), the
+    runs of one SFT model in one batch."""
+    groups: dict[str, list[Path]] = {}
+    for run in runs:
+        groups.setdefault(model_identity(run, "target", 0), []).append(run)
+    batches: list[list[Path]] = [[] for _ in range(min(max(1, workers), len(groups)))]
+    load = [0] * len(batches)
+    cost = {name: sum(run_info(run)["iterations"] for run in group) + 1 for name, group in groups.items()}
+    for name in sorted(groups, key=lambda n: -cost[n]):
+        lightest = load.index(min(load))
+        batches[lightest] += groups[name]
+        load[lightest] += cost[name]
+    return [batch for batch in batches if batch]
+
+
+def set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def boundary_batch(batch: list[Path], pool: list[Path], force: bool, max_negatives: int | None) -> list[str]:
+    """A worker's share of compute_boundaries; the names of the runs it wrote."""
+    shared = SharedWork()
+    for run in batch:
+        compute_boundary(run, pool=pool, force=force, max_negatives=max_negatives, shared=shared)
+    return [run.name for run in batch]
