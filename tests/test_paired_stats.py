@@ -227,3 +227,14 @@ def test_best_of_n_scores_each_task_by_its_best_sample_and_other_methods_by_the_
     assert scores.loc[("best_of_n", "t1"), ["reward", "success"]].tolist() == [60.0, 0.0]
     assert scores.loc[("sft", "t0"), "reward"] == pytest.approx(42.5)  # mean of 20, 100, 50, 0
     assert scores.loc[("sft", "t0"), "success"] == pytest.approx(25.0)
+
+
+def test_the_boundary_analysis_keeps_the_methods_asked_for_and_names_those_there_are(tmp_path):
+    from coevo_lib.analysis import boundary
+    from coevo_lib.analysis.loading import NoRunsError
+
+    runs = [write_eval_run(tmp_path, method, 1, {1: [0.5]}) for method in ("coevo", "eto", "rft")]
+    assert boundary.select_methods(runs, None) == runs
+    assert [r.name for r in boundary.select_methods(runs, ["eto", "coevo", "best_of_n"])] == ["coevo-seed0", "eto-seed0"]
+    with pytest.raises(NoRunsError, match="methods there: coevo, eto, rft"):
+        boundary.select_methods(runs, ["coevo_lsft0"])

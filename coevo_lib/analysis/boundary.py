@@ -36,10 +36,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from coevo_lib.analysis.hard_negatives import first_divergence, own_turns
-from coevo_lib.analysis.loading import BOUNDARY_FILE, require_runs, run_info
+from coevo_lib.analysis.loading import BOUNDARY_FILE, NoRunsError, require_runs, run_info
 from coevo_lib.analysis.negatives import (Negative, capped_per_source, compatible_runs, model_identity,
                                           natural_negatives, perturbed_negatives)
 from coevo_lib.pairs import make_pair
@@ -329,15 +329,17 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
     return out
 
 
-def compute_boundaries(runs_root: str | Path, force: bool = False,
-                       max_negatives: int | None = MAX_NEGATIVES, workers: int = 1) -> list[Path]:
+def compute_boundaries(runs_root: str | Path, force: bool = False, max_negatives: int | None = MAX_NEGATIVES,
+                       workers: int = 1, methods: Sequence[str] | None = None) -> list[Path]:
     """Margins for every finished run under ``runs_root``, each scored on the pooled negatives of all.
 
-    ``workers`` > 1 scores in that many processes (one torch thread each when they share the cores), the
-    runs of one SFT model in the same process so that its scores are computed once. A run whose file is
-    written stays written if another fails.
+    ``methods`` (labels, as in loading.method_label) keeps only those runs, as scored runs and as the pool:
+    a study's analysis then does not change with what else shares its folder (e.g. the sensitivity sweep
+    beside the results study). ``workers`` > 1 scores in that many processes (one torch thread each when
+    they share the cores), the runs of one SFT model in the same process so that its scores are computed
+    once. A run whose file is written stays written if another fails.
     """
-    runs = require_runs(runs_root)  # NoRunsError: one line in a notebook, not a traceback
+    runs = select_methods(require_runs(runs_root), methods)  # NoRunsError: one line in a notebook
     todo = [run for run in runs if force or not (run / BOUNDARY_FILE).exists()]
     batches = worker_batches(todo, workers)
     if len(batches) <= 1:
@@ -357,6 +359,23 @@ def compute_boundaries(runs_root: str | Path, force: bool = False,
                 for name in future.result():
                     log.info("boundary margins of %s written", name)
     return [run / BOUNDARY_FILE for run in runs]
+
+
+def select_methods(runs: list[Path], methods: Sequence[str] | None) -> list[Path]:
+    """``runs`` whose method label is in ``methods`` (all when None). Labels without runs are logged (a study
+    run in parts lacks some); none left is an error naming the labels there are."""
+    if methods is None:
+        return runs
+    labels = {run: run_info(run)["method"] for run in runs}
+    present = sorted(set(labels.values()))
+    missing = sorted(set(methods) - set(present))
+    if missing:
+        log.warning("no finished runs of method(s) %s under %s", ", ".join(missing), runs[0].parent)
+    kept = [run for run in runs if labels[run] in set(methods)]
+    if not kept:
+        raise NoRunsError(f"none of the methods {', '.join(methods)} has finished runs under {runs[0].parent} "
+                          f"(methods there: {', '.join(present)})")
+    return kept
 
 
 def worker_batches(runs: list[Path], workers: int) -> list[list[Path]]:
