@@ -161,6 +161,11 @@ PRODUCTS = [
     Product("margins_by_source.png", "Final checkpoints: every margin view per negative source (greedy eval, "
             "sampled target / failure-agent rollouts, perturbed experts; self vs other model), per method.",
             lambda f: plots.margins_by_source(f.boundary_summary), "boundary"),
+    Product("boundary_paired.md", "Does a method move the boundary more than its reference? Last checkpoint minus "
+            "sft and minus eto_sft on the same perturbed experts (no model generated them; the expert's length) and "
+            "seed: step gap (nats) and share ranked correctly, paired 95% interval over seeds x negatives (as "
+            "paired_differences.md), MDE at 80% power.",
+            lambda f: md(boundary_views.paired_boundary_differences(f.boundary)), "boundary"),
     Product("margins_by_source.md", "The numbers behind margins_by_source.png and step_gaps.png, every iteration.",
             lambda f: md(f.boundary_summary), "boundary"),
     Product("length_confound.png", "The SFT model's log-lik margin against the negative's length minus the "

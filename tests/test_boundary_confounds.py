@@ -265,3 +265,27 @@ def test_old_boundary_files_still_summarise():
     assert summary.loc["step_gap", "mean"] == 1.0 and "loglik_margin_per_token" not in summary.index
     assert boundary_views.margin_regression(margins).empty
     assert json.dumps(boundary_views.length_matched_difference(margins).to_dict())  # no error, NaN differences
+
+
+def test_paired_boundary_differences_pair_methods_on_the_same_perturbed_experts():
+    rows = []
+    for seed in (0, 1):
+        for method, last, shift in (("sft", 0, 0.0), ("eto_sft", 2, 1.0), ("coevo", 2, 3.0), ("best_of_n", 0, 0.0)):
+            for iteration in range(last + 1):
+                for n, source in enumerate(["perturbed_item", "perturbed_item", "perturbed_option", "greedy_eval"]):
+                    base = [2.0, -1.0, 0.5, -4.0][n] + seed
+                    outlier = 100.0 if source == "greedy_eval" and method == "coevo" else 0.0
+                    rows.append({"run": f"{method}-seed{seed}", "method": method, "seed": seed, "iteration": iteration,
+                                 "task_id": f"t{n}", "negative_run": "" if n < 3 else "eto_sft-seed0",
+                                 "negative_id": f"neg{n}", "source": source, "self_generated": None,
+                                 "hard_negative": False, "negative_reward": 0.5,
+                                 "step_gap": base + (shift if iteration == last else 0.0) + outlier})
+    summary = boundary_views.paired_boundary_differences(pd.DataFrame(rows)).set_index(["comparison", "split", "metric"])
+    gap = "step gap (nats)"
+    assert summary.loc[("coevo − eto_sft", "perturbed_item", gap), "difference"] == pytest.approx(2.0)
+    assert summary.loc[("coevo − eto_sft", "perturbed_item", gap), "ci_high"] == pytest.approx(2.0)  # constant
+    assert summary.loc[("coevo − sft", "perturbed_option", gap), "difference"] == pytest.approx(3.0)
+    # item 1 moves from -1 / 0 (seeds 0 / 1), not above 0, to +2 / +3 under coevo: 1 of 2 items more, +50 points
+    assert summary.loc[("coevo − sft", "perturbed_item", "ranked correctly (%)"), "difference"] == pytest.approx(50.0)
+    assert not summary.index.get_level_values("split").isin(["greedy_eval"]).any()  # generated negatives stay out
+    assert not summary.index.get_level_values("comparison").str.startswith("best_of_n").any()  # SFT's own weights

@@ -224,3 +224,35 @@ def regression_table(regression: pd.DataFrame, terms=("negative_reward", "length
     """The coefficients a reader needs (reward, length) at each run's final checkpoint."""
     last = regression.groupby("method")["iteration"].transform("max")
     return regression[(regression["iteration"] == last) & regression["term"].isin(terms)].reset_index(drop=True)
+
+
+# -- paired across methods ---------------------------------------------------------------------
+
+PERTURBED_SOURCES = ("perturbed_option", "perturbed_item")
+PAIRED_METRICS = {"reward": "step gap (nats)", "success": "ranked correctly (%)"}
+PAIRED_COLUMNS = ["comparison", "split", "metric", "difference", "ci_low", "ci_high", "mde", "seeds", "tasks"]
+
+
+def paired_boundary_differences(boundary: pd.DataFrame, references=("sft", "eto_sft"),
+                                sources=PERTURBED_SOURCES) -> pd.DataFrame:
+    """Each method's last checkpoint minus a reference's on the same negatives and seed, per source: the step
+    gap and the share of negatives it ranks below the expert, with paired.py's seeds x negatives interval.
+
+    Perturbed experts by default: no model generated them and they have the expert's length, so neither
+    confound enters the difference. Every run of a root is scored on the same negatives (boundary.SharedWork),
+    so they pair across methods like test tasks do. Methods whose last checkpoint is the SFT model (best_of_n)
+    are left out: their difference to sft is 0 by construction. ``split`` holds the source.
+    """
+    from coevo_lib.analysis import paired
+
+    data = final_margins(margins_long(boundary))
+    data = data[data["source"].isin(sources) & data["step_gap"].notna()
+                & ((data["iteration"] > 0) | (data["method"] == "sft"))]
+    gap = data["step_gap"].astype(float)
+    scores = pd.DataFrame({"run": data["run"], "method": data["method"], "seed": data["seed"], "split": data["source"],
+                           "task_id": data["negative_run"].astype(str) + "/" + data["negative_id"].astype(str),
+                           "reward": gap, "success": 100.0 * (gap > 0)})
+    if scores.empty:
+        return pd.DataFrame(columns=PAIRED_COLUMNS)
+    summary = paired.paired_differences(scores, references)
+    return summary.assign(metric=summary["metric"].map(PAIRED_METRICS))[PAIRED_COLUMNS]
