@@ -146,21 +146,24 @@ def sweep_panel(ax, axis: str, rows: pd.DataFrame) -> None:
 
 
 def failure_reward_histograms(histogram: pd.DataFrame) -> Figure:
-    """Share of failures per reward bin; rows = agent (method/agent), columns = iteration."""
+    """Share of failures per reward bin: one panel per agent (method/agent), one line per iteration (darker =
+    later), panels in rows of 4 so that many methods stay a readable grid."""
     if histogram.empty:
         return empty("no failed rollouts")
     sources, iterations = sorted(histogram["source"].unique()), sorted(histogram["iteration"].unique())
-    figure, axes = grid(len(sources), len(iterations), 3.2, 2.2, sharex=True, sharey=True)
-    for (r, source), (c, iteration) in ((a, b) for a in enumerate(sources) for b in enumerate(iterations)):
-        data = histogram[(histogram["source"] == source) & (histogram["iteration"] == iteration)]
-        ax = axes[r, c]
-        ax.bar(data["bin_left"], data["share"], width=0.1, align="edge", color=color(source.split("/")[0]))
+    figure, axes = panel_grid(len(sources), 4, 3.2, 2.4, sharex=True, sharey=True)
+    shades = np.linspace(0.35, 1.0, len(iterations))
+    for ax, source in zip(axes, sources):
+        for shade, iteration in zip(shades, iterations):
+            data = histogram[(histogram["source"] == source) & (histogram["iteration"] == iteration)]
+            ax.step(data["bin_left"] + 0.05, data["share"], where="mid", alpha=shade, lw=1.4,
+                    color=color(source.split("/")[0]), ls=("-", "--", ":", "-.")[iteration % 4],
+                    label=f"iteration {iteration}")
         ax.axvline(0.6, color="black", lw=0.8, ls=":")
-        ax.set_title(f"{source} it{iteration}", fontsize=9)
-    for ax in axes[-1]:
-        ax.set_xlabel("failure reward")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("share of failures")
+        ax.set_title(source, fontsize=9)
+        ax.set(xlabel="failure reward", ylabel="share of failures")
+        ax.label_outer()
+    figure_legend(figure, axes, ncols=len(iterations))
     return figure
 
 
