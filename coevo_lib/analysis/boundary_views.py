@@ -31,6 +31,7 @@ IMPLICIT_VIEWS = ("implicit_margin_per_token", "implicit_margin")  # 0 at iterat
 NATURAL_SOURCES = ("greedy_eval", "sampled_target", "sampled_failure_agent")
 LENGTH_UNIT = 100  # regression length covariate: (negative - expert) assistant tokens / 100
 FILLED = {"source": "greedy_eval", "self_generated": np.nan, "negative_tokens": np.nan, "expert_tokens": np.nan,
+          "negative_run": "", "negative_id": "",
           **{view: np.nan for view in VIEWS}}
 
 
