@@ -308,15 +308,16 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
     config = RunDir(run_dir).load_config()
     items_key, items = run_items(run_dir, [Path(p) for p in pool], config, max_negatives, shared)
     checkpoints = target_checkpoints(run_dir, run_info(run_dir)["iterations"])
-    token_cache = shared.tokens.setdefault(model_identity(run_dir, "target", 0), {})
+    identities = {k: model_identity(run_dir, "target", k) for k in checkpoints}  # reads stage markers: once
+    token_cache = shared.tokens.setdefault(identities[0], {})
     scores, reused = {}, 0
     for k, path in checkpoints.items():
-        key = (model_identity(run_dir, "target", k), items_key)
+        key = (identities[k], items_key)
         reused += key in shared.scores
         if key not in shared.scores:
             shared.scores[key] = score_items(checkpoint_scorer(path, config.model, token_cache), items)
         scores[k] = shared.scores[key]
-    rows = [margin_row(item, k, scores[k][i], scores[0][i], config.dpo.beta, model_identity(run_dir, "target", k))
+    rows = [margin_row(item, k, scores[k][i], scores[0][i], config.dpo.beta, identities[k])
             for k in sorted(scores) for i, item in enumerate(items)]
     write_json_atomic(out.with_suffix(".json"), {
         "reference": "sft checkpoint", "beta": config.dpo.beta, "negatives": len(items),
@@ -343,9 +344,7 @@ def compute_boundaries(runs_root: str | Path, force: bool = False, max_negatives
     todo = [run for run in runs if force or not (run / BOUNDARY_FILE).exists()]
     batches = worker_batches(todo, workers)
     if len(batches) <= 1:
-        shared = SharedWork()
-        for run in todo:
-            compute_boundary(run, pool=runs, force=force, max_negatives=max_negatives, shared=shared)
+        boundary_batch(todo, runs, force, max_negatives)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -401,7 +400,7 @@ def set_torch_threads(threads: int) -> None:
 
 
 def boundary_batch(batch: list[Path], pool: list[Path], force: bool, max_negatives: int | None) -> list[str]:
-    """A worker's share of compute_boundaries; the names of the runs it wrote."""
+    """compute_boundaries' work on ``batch`` in this process, sharing its work; the names of the runs it wrote."""
     shared = SharedWork()
     for run in batch:
         compute_boundary(run, pool=pool, force=force, max_negatives=max_negatives, shared=shared)
