@@ -366,6 +366,11 @@ class TrainLaunchConfig:
                           "path; none = plain DDP"},
     )
     main_process_port: int | None = field(default=None, metadata={"help": "rendezvous port (none: a free one)"})
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "recompute activations in the backward pass (trl's default): less memory, more compute; "
+                          "the gradients are the same. Small models on CPU train faster without it"},
+    )
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:

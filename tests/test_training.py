@@ -26,10 +26,9 @@ def test_assistant_mask_covers_exactly_assistant_text(tiny_tokenizer):
 
 
 def test_sft_step_changes_parameters(tiny_model, tiny_tokenizer, tmp_path):
-    episodes = [make_episode("e", "buy a red mug", [("search[red mug]", "ok"), ("click[buy now]", "")], 1.0)] * 4
     before = parameters_snapshot(tiny_model)
     stage = SFTStageConfig(epochs=1, batch_size=2, learning_rate=1e-2, max_length=256)
-    stats = train_sft(tiny_model, tiny_tokenizer, episodes, stage, tmp_path, seed=0)
+    stats = train_sft(tiny_model, tiny_tokenizer, sft_episodes(), stage, tmp_path, seed=0)
     assert stats["steps"] == 2 and math.isfinite(stats["train_loss"])
     assert changed_parameters(tiny_model, before) > 0
 
@@ -98,3 +97,28 @@ def test_sum_reduction_scales_sft_term_by_tokens_per_sequence(tiny_model, tiny_t
     chosen_tokens = batch["completion_mask"].chunk(2)[0][:, 1:].sum().item() / 2
     assert trainer.loss_weights == [0.5, 0.5 * chosen_tokens]
     assert isinstance(tiny_model, LlamaForCausalLM)
+
+
+def test_gradient_checkpointing_is_passed_to_trl_and_leaves_the_weights_unchanged(tiny_model, tiny_tokenizer,
+                                                                                   shop_pairs, tmp_path):
+    """train.gradient_checkpointing only trades compute for memory: trained weights are the same bit for bit."""
+    stage = DPOStageConfig(epochs=1, batch_size=2, learning_rate=1e-2, max_length=256, warmup_ratio=0.0)
+    for flag in (True, False):
+        trainer = build_dpo_trainer(copy.deepcopy(tiny_model), tiny_tokenizer,
+                                    pairs_dataset(tiny_tokenizer, shop_pairs), stage, tmp_path / str(flag), seed=0,
+                                    gradient_checkpointing=flag)
+        assert trainer.args.gradient_checkpointing is flag
+    trained = {}
+    for flag in (True, False):
+        model = copy.deepcopy(tiny_model)
+        train_dpo(model, tiny_tokenizer, shop_pairs, stage, tmp_path / f"dpo-{flag}", seed=0,
+                  gradient_checkpointing=flag)
+        train_sft(model, tiny_tokenizer, sft_episodes(), SFTStageConfig(epochs=1, batch_size=2, learning_rate=1e-2,
+                  max_length=256), tmp_path / f"sft-{flag}", seed=0, gradient_checkpointing=flag)
+        trained[flag] = parameters_snapshot(model)
+    assert changed_parameters(tiny_model, trained[False]) > 0
+    assert all(torch.equal(trained[True][name], trained[False][name]) for name in trained[True])
+
+
+def sft_episodes():
+    return [make_episode("e", "buy a red mug", [("search[red mug]", "ok"), ("click[buy now]", "")], 1.0)] * 4

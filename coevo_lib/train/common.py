@@ -36,12 +36,13 @@ def step_losses(trainer) -> list[float]:
 
 
 def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int, processes: int = 1,
-                   device_type: str | None = None) -> dict[str, Any]:
+                   device_type: str | None = None, gradient_checkpointing: bool = True) -> dict[str, Any]:
     """Arguments common to SFTConfig and DPOConfig from a coevo stage config.
 
     Checkpoints are written by coevo itself (one per agent and iteration), so trl saves nothing;
     TensorBoard logs land under the run directory. ``device_type`` is where training runs when the
-    model is not there yet (a sharded stage loads weights on the CPU first).
+    model is not there yet (a sharded stage loads weights on the CPU first). ``gradient_checkpointing``
+    is ``train.gradient_checkpointing``: trl turns it on by default, which only trades compute for memory.
     """
     on_gpu = (device_type or next(model.parameters()).device.type) == "cuda"
     return {
@@ -63,6 +64,7 @@ def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int, p
         "use_cpu": not on_gpu,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
+        "gradient_checkpointing": gradient_checkpointing,
     }
 
 

@@ -114,7 +114,8 @@ def train_job(job: dict[str, Any], state: PartialState) -> dict[str, Any]:
     dataset = shared_dataset(job, tokenizer, stage, state)
     fit = fit_sft if job["kind"] == "sft" else fit_dpo
     trainer, stats = fit(model, tokenizer, dataset, stage, Path(job["tb_dir"]), job["seed"],
-                         processes=state.num_processes, device_type=device_type)
+                         processes=state.num_processes, device_type=device_type,
+                         gradient_checkpointing=config.train.gradient_checkpointing)
     save_trained(trainer, tokenizer, model_config, job)
     return {**stats, "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1]}
 
