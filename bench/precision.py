@@ -1,5 +1,6 @@
-"""Training-speed levers on CPU for the embedded default (issue 11): bf16 autocast and length-grouped
-batches, against plain fp32 batches, in one process on the same data and model.
+"""Training-speed levers on CPU for the embedded default (issue 11): bf16 autocast, length-grouped
+batches and no gradient checkpointing, against trl's defaults (fp32, random batches, gradient
+checkpointing on), in one process on the same data and model.
 
     python bench/precision.py [--experts 96] [--pairs 64] [--threads 1 2] [--epochs 2]
 
@@ -11,7 +12,9 @@ only the trainer arguments:
 - bf16: TrainingArguments(bf16=True) on CPU, which trains under torch.autocast(cpu, bfloat16) with fp32
   master weights (this CPU has AVX-512 BF16);
 - grouped: train_sampling_strategy=group_by_length (batches of similar lengths: less padding, same
-  examples per epoch); SFT only (transformers groups by input_ids, which preference rows do not have).
+  examples per epoch); SFT only (transformers groups by input_ids, which preference rows do not have);
+- no-gc: gradient_checkpointing=False (train.gradient_checkpointing; activations kept instead of
+  recomputed in the backward pass: the same arithmetic, so the same losses).
 Each row prints seconds, the ratio to fp32 at the same thread count (> 1 is faster) and the mean loss of
 the last epoch's steps (a precision that hurts training shows there). --threads 1 is how a study with
 workers: 2 trains (one torch thread per run).
@@ -41,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dpo import bench_pairs  # noqa: E402  (expert > replayed-failure pairs)
 
 GROUPED = {"train_sampling_strategy": "group_by_length"}
-VARIANTS = {"fp32": {}, "bf16": {"bf16": True}, "grouped": GROUPED, "bf16+grouped": {"bf16": True, **GROUPED}}
+VARIANTS = {"fp32": {}, "bf16": {"bf16": True}, "grouped": GROUPED, "bf16+grouped": {"bf16": True, **GROUPED},
+            "no-gc": {"gradient_checkpointing": False}}
 # transformers groups by input_ids, which preference rows do not have: DPO gets the ungrouped variants.
-STAGE_VARIANTS = {"sft": list(VARIANTS), "dpo": ["fp32", "bf16"]}
+STAGE_VARIANTS = {"sft": list(VARIANTS), "dpo": ["fp32", "bf16", "no-gc"]}
 
 
 def parse_args() -> argparse.Namespace:
