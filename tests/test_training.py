@@ -103,6 +103,7 @@ def test_gradient_checkpointing_is_passed_to_trl_and_leaves_the_weights_unchange
                                                                                    shop_pairs, tmp_path):
     """train.gradient_checkpointing only trades compute for memory: trained weights are the same bit for bit."""
     stage = DPOStageConfig(epochs=1, batch_size=2, learning_rate=1e-2, max_length=256, warmup_ratio=0.0)
+    sft_stage = SFTStageConfig(epochs=1, batch_size=2, learning_rate=1e-2, max_length=256)
     for flag in (True, False):
         trainer = build_dpo_trainer(copy.deepcopy(tiny_model), tiny_tokenizer,
                                     pairs_dataset(tiny_tokenizer, shop_pairs), stage, tmp_path / str(flag), seed=0,
@@ -113,8 +114,8 @@ def test_gradient_checkpointing_is_passed_to_trl_and_leaves_the_weights_unchange
         model = copy.deepcopy(tiny_model)
         train_dpo(model, tiny_tokenizer, shop_pairs, stage, tmp_path / f"dpo-{flag}", seed=0,
                   gradient_checkpointing=flag)
-        train_sft(model, tiny_tokenizer, sft_episodes(), SFTStageConfig(epochs=1, batch_size=2, learning_rate=1e-2,
-                  max_length=256), tmp_path / f"sft-{flag}", seed=0, gradient_checkpointing=flag)
+        train_sft(model, tiny_tokenizer, sft_episodes(), sft_stage, tmp_path / f"sft-{flag}", seed=0,
+                  gradient_checkpointing=flag)
         trained[flag] = parameters_snapshot(model)
     assert changed_parameters(tiny_model, trained[False]) > 0
     assert all(torch.equal(trained[True][name], trained[False][name]) for name in trained[True])
