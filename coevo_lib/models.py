@@ -50,6 +50,19 @@ def resolve_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, config.dtype)
 
 
+def training_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype of weights that training updates.
+
+    Full fine-tuning keeps float32 master weights, on GPU too, where the trainer computes in bf16 through
+    autocast: pure bf16 weights round away any update below ~1/256 of the weight (at a DPO learning rate
+    of 5e-6 that is nearly every update; bench/gpu.py measures it). LoRA freezes the base, which stays in
+    the inference dtype (peft keeps the adapters in float32). An explicit model.dtype is used as given.
+    """
+    if config.dtype == "auto" and not config.lora.enabled:
+        return torch.float32
+    return resolve_dtype(config, device)
+
+
 def env_corpus(env: TextEnv, prompt: PromptConfig, max_tasks: int) -> list[str]:
     """Text the tiny tokenizer learns from: expert trajectories of training tasks, formatted as prompts."""
     from coevo_lib.rollout import expert_episode  # local import: rollout imports models
@@ -150,15 +163,15 @@ def load_model(path: str | Path, config: ModelConfig, trainable: bool = False):
     """
     if is_peft_checkpoint(path):
         return load_adapter_model(path, config, trainable)
-    model = load_weights(path, config)
+    model = load_weights(path, config, trainable)
     if trainable and config.lora.enabled:
         model = wrap_lora(model, config.lora)
     return model
 
 
-def load_weights(path: str | Path, config: ModelConfig):
+def load_weights(path: str | Path, config: ModelConfig, trainable: bool = False):
     device = resolve_device(config)
-    kwargs = {"dtype": resolve_dtype(config, device)}
+    kwargs = {"dtype": training_dtype(config, device) if trainable else resolve_dtype(config, device)}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device)

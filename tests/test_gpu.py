@@ -63,3 +63,24 @@ def test_batched_generation_on_gpu(saved_model, tiny_tokenizer):
     prompts = [generator.prompt_ids([{"role": "user", "content": f"Instruction: buy mug {i}"}]) for i in range(8)]
     replies = generator.generate(prompts, temperature=1.0, seed=0)
     assert len(replies) == 8 and all(0 < n <= 16 for _, n in replies)
+
+
+def moved_share(model, before) -> float:
+    """Share of the trainable elements that differ from the snapshot."""
+    pairs = [(p.detach(), before[n]) for n, p in model.named_parameters() if n in before]
+    return sum(int((p != b).sum()) for p, b in pairs) / sum(p.numel() for p, _ in pairs)
+
+
+def test_full_fine_tuning_keeps_float32_master_weights_so_small_updates_land(saved_model, shop_pairs, tmp_path):
+    # A DPO learning rate (5e-6) moves weights far less than bf16's rounding step (~1/256 of a weight):
+    # trained in pure bf16 almost every update is lost; coevo's default keeps float32 master weights.
+    stage = DPOStageConfig(epochs=1, batch_size=2, learning_rate=5e-6, warmup_ratio=0.0)
+    shares = {}
+    for dtype in ("auto", "bfloat16"):
+        model = load_model(saved_model, ModelConfig(name_or_path=str(saved_model), dtype=dtype), trainable=True)
+        assert model.device.type == "cuda"
+        assert model.dtype == (torch.float32 if dtype == "auto" else torch.bfloat16)
+        before = parameters_snapshot(model)
+        train_dpo(model, load_tokenizer(saved_model), shop_pairs, stage, tmp_path / dtype, seed=0)
+        shares[dtype] = moved_share(model, before)
+    assert shares["auto"] > 0.9 and shares["bfloat16"] < 0.5 * shares["auto"], shares

@@ -6,7 +6,8 @@ import math
 import torch
 from transformers import LlamaForCausalLM
 
-from coevo_lib.config import DPOStageConfig, SFTStageConfig
+from coevo_lib.config import DPOStageConfig, LoraConfig, ModelConfig, SFTStageConfig
+from coevo_lib.models import training_dtype
 from coevo_lib.prompting import tokenize_conversation
 from coevo_lib.train import sequence_logps, train_dpo, train_sft
 from coevo_lib.train.common import changed_parameters, parameters_snapshot
@@ -123,3 +124,12 @@ def test_gradient_checkpointing_is_passed_to_trl_and_leaves_the_weights_unchange
 
 def sft_episodes():
     return [make_episode("e", "buy a red mug", [("search[red mug]", "ok"), ("click[buy now]", "")], 1.0)] * 4
+
+
+def test_full_fine_tuning_trains_float32_master_weights_and_lora_keeps_the_base_dtype():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert training_dtype(ModelConfig(), cuda) == torch.float32  # bf16 compute comes from autocast
+    assert training_dtype(ModelConfig(), cpu) == torch.float32
+    assert training_dtype(ModelConfig(lora=LoraConfig(enabled=True)), cuda) == torch.bfloat16  # frozen base
+    assert training_dtype(ModelConfig(lora=LoraConfig(enabled=True)), cpu) == torch.float32
+    assert training_dtype(ModelConfig(dtype="bfloat16"), cuda) == torch.bfloat16  # explicit: pure bf16

@@ -60,7 +60,9 @@ def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int, p
         "save_strategy": "no",
         "logging_steps": 1,  # per-step losses in the stage stats (compared across process counts)
         "report_to": ["tensorboard"],
-        "bf16": on_gpu and next(model.parameters()).dtype == torch.bfloat16,
+        # On GPU compute in bf16: autocast over float32 master weights (full fine-tuning, see
+        # models.training_dtype), or bf16 weights as loaded (a LoRA base, an explicit model.dtype).
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
         "use_cpu": not on_gpu,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,

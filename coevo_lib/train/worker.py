@@ -10,6 +10,7 @@ checkpoint (gathered to the ordinary Hugging Face layout under FSDP / ZeRO-3) an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +28,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from datasets import Dataset, load_from_disk
 
-from coevo_lib.models import load_model, load_tokenizer, save_agent
+from coevo_lib.models import load_model, load_tokenizer, save_agent, training_dtype
 from coevo_lib.records import read_episodes, read_pairs, write_json_atomic
 from coevo_lib.runs import RunDir
 from coevo_lib.seeding import quiet_libraries, seed_everything
@@ -64,9 +65,9 @@ def is_sharded() -> bool:
 
 
 def rank_model_config(model_config, device_type: str):
-    """Each rank's copy: on its own GPU for DDP; on the CPU (in the GPU dtype) when sharding will place it."""
-    dtype = model_config.dtype if model_config.dtype != "auto" else (
-        "bfloat16" if device_type == "cuda" else "float32")
+    """Each rank's copy: on its own GPU for DDP; on the CPU (in the dtype it trains in on the GPU) when
+    sharding will place it."""
+    dtype = str(training_dtype(model_config, torch.device(device_type))).removeprefix("torch.")
     device = "cpu" if device_type == "cpu" or is_sharded() else f"cuda:{torch.cuda.current_device()}"
     return dataclasses.replace(model_config, device=device, dtype=dtype)
 
@@ -88,6 +89,25 @@ def build_dataset(job: dict[str, Any], tokenizer, stage) -> Dataset:
     return pairs_dataset(tokenizer, read_pairs(examples))
 
 
+@contextlib.contextmanager
+def whole_models():
+    """Load models unpartitioned inside a ZeRO-3 stage.
+
+    While DeepSpeed's ZeRO-3 config is registered with transformers, from_pretrained partitions every
+    model it builds (empty local tensors); the CPU copy that receives the gathered weights must be whole.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # a weak reference, or None outside DeepSpeed
+    config = registered() if registered is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+
+
 def save_trained(trainer, tokenizer, model_config, job: dict[str, Any]) -> None:
     """Rank 0 writes the trained model in the Hugging Face layout (with LoRA, the adapter, as save_agent does)."""
     accelerator = trainer.accelerator
@@ -95,10 +115,13 @@ def save_trained(trainer, tokenizer, model_config, job: dict[str, Any]) -> None:
         if accelerator.is_main_process:
             save_agent(accelerator.unwrap_model(trainer.model), tokenizer, Path(job["out"]))
         return
-    state_dict = accelerator.get_state_dict(trainer.model)  # collective: every rank sends its shards
+    # Collective: every rank sends its shards. DeepSpeed gathers through its engine (model_wrapped), not
+    # the module inside it; for FSDP model_wrapped is the sharded model itself.
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
     if accelerator.is_main_process:
         # The trained model's structure (a fresh or the start's adapter with LoRA) in the trained dtype.
-        cpu_model = load_model(job["start"], dataclasses.replace(model_config, device="cpu"), trainable=True)
+        with whole_models():
+            cpu_model = load_model(job["start"], dataclasses.replace(model_config, device="cpu"), trainable=True)
         # trl's DPO adds a frozen copy of a start adapter as the reference ('ref'); it is not part of the agent.
         cpu_model.load_state_dict({name: value for name, value in state_dict.items() if ".ref." not in name})
         save_agent(cpu_model, tokenizer, Path(job["out"]))
