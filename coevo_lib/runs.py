@@ -116,7 +116,7 @@ def init_run_dir(config: RunConfig, path: Path) -> RunDir:
 def compare_config(run: RunDir, config: RunConfig) -> str:
     """'same', or 'extends' when only loop.iterations grew; any other difference raises ConfigError."""
     # train.* says how stages are launched, not what they compute: a run may resume on more or fewer ranks.
-    saved = {**yaml.safe_load(run.config_path.read_text()), "train": None}
+    saved = {**with_defaults(yaml.safe_load(run.config_path.read_text())), "train": None}
     current = {**yaml.safe_load(dump_config(config)), "train": None}
     diffs = sorted(flatten_diff(saved, current))
     if not diffs:
@@ -130,6 +130,17 @@ def compare_config(run: RunDir, config: RunConfig) -> str:
         f"run directory {run.path} was started with a different config (first difference: {diffs[0]}); "
         "use a new --run-dir or the same recipe and overrides (only loop.iterations may grow)"
     )
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the keys added to coevo since it was written, at their defaults.
+
+    New keys default to the behaviour from before they existed, so a run started earlier resumes and
+    compares as before; a saved config that no longer loads (a key since removed) is compared as saved."""
+    try:
+        return yaml.safe_load(dump_config(from_dict(RunConfig, saved, "")))
+    except ConfigError:
+        return saved
 
 
 def flatten_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -66,3 +66,20 @@ def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "rollout.tempreature" in err[0]
     assert not (tmp_path / "run").exists()  # nothing written for a config that does not validate
+
+
+def test_a_run_saved_before_a_key_existed_resumes_and_a_changed_value_still_refuses(tmp_path):
+    import yaml
+
+    from coevo_lib.runs import init_run_dir
+
+    config = RunConfig(runs_root=str(tmp_path))
+    run = init_run_dir(config, tmp_path / "run")
+    saved = yaml.safe_load(run.config_path.read_text())
+    del saved["loop"]["pairs"]["failure_within_agent"]  # as written by a coevo that had no such key yet
+    run.config_path.write_text(yaml.safe_dump(saved))
+    init_run_dir(config, tmp_path / "run")  # the key's default is the behaviour the run was started with
+    saved["loop"]["pairs"]["failure_within_agent"] = True
+    run.config_path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="loop.pairs.failure_within_agent: True -> False"):
+        init_run_dir(config, tmp_path / "run")
