@@ -57,6 +57,11 @@ def rollout_frame() -> pd.DataFrame:
     rows += [episode(f"t{i}", "t1", ["a", "x", "c"], r) for i, r in enumerate([1.0, 0.0, 0.55, 0.65, 0.75, 0.95])]
     rows += [episode("f1", "t1", ["a", "b"], 0.7, "failure"), episode("f2", "t2", ["a", "b", "z"], 0.2, "failure"),
              episode("f3", "t2", ["a", "b", "z"], 0.2, "failure")]
+    return episodes_frame(rows)
+
+
+def episodes_frame(rows: list[Episode]) -> pd.DataFrame:
+    """Episodes as the analysis reads them, all from one coevo run."""
     data = pd.DataFrame([{**r.__dict__, "actions": tuple(r.actions)} for r in rows])
     data["kind"] = ["expert" if a == "expert" else "train" for a in data["agent"]]
     data["hard_negative"] = (data["reward"] >= 0.6) & (data["reward"] < 1.0)
@@ -88,6 +93,12 @@ def test_failure_reward_histogram_bins():
     histogram = by_agent(hn.failure_reward_histogram(rollout_frame()), "target")
     assert list(histogram["count"]) == [1, 0, 0, 0, 0, 1, 1, 1, 0, 1]
     assert histogram["share"].sum() == pytest.approx(1.0)
+
+
+def test_failure_rewards_on_a_bin_edge_fall_in_the_bin_they_open():
+    rows = [episode(f"t{i}", "t1", ["a"], reward) for i, reward in enumerate((0.3, 3 / 5, 0.7, 0.0))]
+    histogram = by_agent(hn.failure_reward_histogram(episodes_frame(rows)), "target")
+    assert list(histogram["count"]) == [1, 0, 0, 1, 0, 0, 1, 1, 0, 0]  # 0.6 opens [0.6, 0.7): a hard negative
 
 
 def test_failure_diversity_and_collapse_monitor():

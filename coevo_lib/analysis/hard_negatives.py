@@ -108,7 +108,9 @@ def threshold_curve(episodes: pd.DataFrame, thresholds: Sequence[float] = THRESH
 def failure_reward_histogram(episodes: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
     """Counts and shares of failure rewards in [0, 0.1), ..., [0.9, 1.0) per group."""
     rows = []
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    # k / bins, not linspace: linspace's 0.6000000000000001 would put a reward of exactly 0.6 (3 of 5
+    # attributes right) in the bin below, outside the hard negatives it belongs to.
+    edges = np.arange(bins + 1) / bins
     for key, group in rollout_failures(episodes).groupby(GROUP, sort=True):
         counts, _ = np.histogram(group["reward"].clip(upper=np.nextafter(1.0, 0)), bins=edges)
         rows += [{**dict(zip(GROUP, key)), "bin_left": float(edges[i]), "count": int(c),
