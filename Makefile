@@ -56,7 +56,7 @@ demo: setup ## run the quick embedded study end to end (SFT, ETO, coevo, ablatio
 study-results: setup ## the study behind figures/results/ (every method x 5 seeds, 2 runs at a time; see its file)
 	$(BIN)/coevo study configs/studies/results.yaml
 
-study-sensitivity: setup ## the lambda_SFT / pair-mix sweep beside study-results (figures/results/sensitivity.*)
+study-sensitivity: setup ## the lambda_SFT / pair-mix / failure-agent-loss sweep beside study-results (figures/results/sensitivity.*)
 	$(BIN)/coevo study configs/studies/sensitivity.yaml
 
 study-full: setup ## the fuller embedded study: every method x 3 seeds

@@ -54,8 +54,8 @@ def training_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
     """The dtype of weights that training updates.
 
     Full fine-tuning keeps float32 master weights, on GPU too, where the trainer computes in bf16 through
-    autocast: pure bf16 weights round away any update below ~1/256 of the weight (at a DPO learning rate
-    of 5e-6 that is nearly every update; bench/gpu.py measures it). LoRA freezes the base, which stays in
+    autocast: pure bf16 weights round away any update below 1/512-1/256 of the weight (at a DPO learning
+    rate of 1e-6 that is nearly every update; bench/gpu.py measures it). LoRA freezes the base, which stays in
     the inference dtype (peft keeps the adapters in float32). An explicit model.dtype is used as given.
     """
     if config.dtype == "auto" and not config.lora.enabled:

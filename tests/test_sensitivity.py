@@ -37,11 +37,12 @@ def test_a_variant_ten_points_above_eto_sft_differs_by_ten_with_a_zero_width_int
     assert list(summary.columns) == ["axis", "value", *paired.SUMMARY_COLUMNS]
 
 
-def test_the_standard_coevo_run_is_the_default_of_both_axes_with_the_same_numbers():
+def test_the_standard_coevo_run_is_the_default_of_every_axis_with_the_same_numbers():
     summary = sensitivity.sensitivity(study({"coevo": 3.0, "coevo_v1_pairs": 1.0}))
     on_lambda, on_mix = row(summary, "coevo", "lambda_SFT"), row(summary, "coevo", "target pair mix")
-    assert (on_lambda["value"], on_mix["value"]) == ("0.5", "+ failure agent's failures")
-    assert on_lambda["difference"] == on_mix["difference"] == pytest.approx(3.0)
+    on_loss = row(summary, "coevo", "failure agent's loss")
+    assert (on_lambda["value"], on_mix["value"], on_loss["value"]) == ("0.5", "+ failure agent's failures", "DPO only")
+    assert on_lambda["difference"] == on_mix["difference"] == on_loss["difference"] == pytest.approx(3.0)
 
 
 def test_variants_without_runs_are_skipped_and_the_rest_keep_the_axis_order():
@@ -64,7 +65,7 @@ def test_nothing_to_compare_gives_an_empty_frame_that_says_why():
 
 def test_sweep_only_labels_are_every_sweep_label_but_coevo():
     assert sensitivity.SWEEP_ONLY == {"coevo_lsft0", "coevo_lsft0.25", "coevo_lsft1", "coevo_own_failures",
-                                      "coevo_v1_pairs"}
+                                      "coevo_v1_pairs", "coevo_failure_sft"}
 
 
 def test_the_headline_paired_summary_leaves_the_sweep_variants_out():
@@ -86,10 +87,10 @@ def test_markdown_names_the_reference_and_one_row_per_axis_value_and_split():
     assert "paired on the same seed's test tasks" in text and "minus eto_sft" in text
     assert "| lambda_SFT | 0.25 | coevo_lsft0.25 − eto_sft | test_seen | +10.0 [+10.0, +10.0] † |" in text
     assert "| target pair mix | + failure agent's failures | coevo − eto_sft | test_unseen | +3.0" in text
-    assert len(sensitivity.sensitivity_table(summary)) == 3 * len(SPLITS)  # coevo on both axes
+    assert len(sensitivity.sensitivity_table(summary)) == 4 * len(SPLITS)  # coevo on every axis
 
 
-@pytest.mark.parametrize("splits, panels", [(SPLITS, 4), (("test_seen",), 2)])
+@pytest.mark.parametrize("splits, panels", [(SPLITS, 6), (("test_seen",), 3)])  # 3 axes x splits
 def test_the_figure_has_a_panel_per_axis_and_split(splits, panels):
     summary = sensitivity.sensitivity(study({"coevo_lsft0": 5.0, "coevo": 3.0}, splits))
     figure = plots.sensitivity(summary)

@@ -1,8 +1,9 @@
-"""Sensitivity of coevo to lambda_SFT and to the target's pair mix: each variant minus eto_sft, paired by task.
+"""Sensitivity of coevo to lambda_SFT, the target's pair mix and the failure agent's loss: each variant minus
+eto_sft, paired by task.
 
 The sensitivity study runs coevo variants in the results study's runs root, so every variant of a seed shares
 that seed's SFT checkpoint and test tasks with eto_sft (ETO's pairs with coevo's loss). Pairing each variant
-with eto_sft, rather than with the standard coevo run, keeps one reference for both axes and puts the variants
+with eto_sft, rather than with the standard coevo run, keeps one reference for every axis and puts the variants
 on the scale of the headline comparison coevo − eto_sft. Intervals and MDEs are those of
 coevo_lib.analysis.paired (random-effects paired interval); nothing is re-estimated here.
 """
@@ -15,11 +16,12 @@ from coevo_lib.analysis import paired
 from coevo_lib.analysis.tables import markdown_table
 
 REFERENCE = "eto_sft"
-# Axis -> (run label, value shown) in the order drawn; the standard coevo run is the default of both axes.
+# Axis -> (run label, value shown) in the order drawn; the standard coevo run is the default of every axis.
 AXES = {
     "lambda_SFT": [("coevo_lsft0", "0"), ("coevo_lsft0.25", "0.25"), ("coevo", "0.5"), ("coevo_lsft1", "1")],
     "target pair mix": [("coevo_own_failures", "own failures"), ("coevo", "+ failure agent's failures"),
                         ("coevo_v1_pairs", "+ v1 failure > failure")],
+    "failure agent's loss": [("coevo", "DPO only"), ("coevo_failure_sft", "DPO 0.5 + SFT 0.5")],
 }
 SWEEP_ONLY = frozenset(label for variants in AXES.values() for label, _ in variants) - {"coevo"}
 COLUMNS = ["axis", "value", *paired.SUMMARY_COLUMNS]
@@ -72,10 +74,12 @@ def sensitivity_markdown(summary: pd.DataFrame) -> str:
         return NO_SENSITIVITY + ".\n"
     intro = (f"coevo's sensitivity to lambda_SFT (the weight of its SFT term; 0.5 is the standard coevo run) and "
              f"to the target's preference pairs (own failures only; + the failure agent's failures, the default; "
-             f"+ v1 failure > failure pairs). Each row is one variant minus {REFERENCE} (ETO's pairs with coevo's "
+             f"+ v1 failure > failure pairs) and to the failure agent's loss (DPO only, the default; DPO + an SFT term "
+             f"on the chosen failure, 0.5 each). Each row is one variant minus {REFERENCE} (ETO's pairs with coevo's "
              f"loss, the loss-matched reference), paired on the same seed's test tasks (final evaluation); the "
-             f"standard coevo run appears on both axes. Interval and MDE as in paired_differences.md: paired 95% "
+             f"standard coevo run appears on every axis. Interval and MDE as in paired_differences.md: paired 95% "
              f"t-interval from a random-effects model of the per-task differences, and the true difference "
              f"detected with 80% power at two-sided alpha 0.05. Variants without runs are left out.")
     note = f"\n{paired.ZERO_WIDTH}\n" if (summary["se"] == 0).any() else ""
-    return f"# Sensitivity: lambda_SFT and pair mix\n\n{intro}\n\n{markdown_table(sensitivity_table(summary))}{note}"
+    title = "# Sensitivity: lambda_SFT, pair mix, failure agent's loss"
+    return f"{title}\n\n{intro}\n\n{markdown_table(sensitivity_table(summary))}{note}"
