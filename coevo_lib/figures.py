@@ -109,10 +109,11 @@ PRODUCTS = [
     Product("paired_differences.md", "The numbers behind paired_differences.png: difference [95% CI], minimum "
             "detectable effect, the unpaired half-width for contrast, seeds, tasks and the interval's design.",
             lambda f: paired.differences_markdown(f.paired_summary)),
-    Product("sensitivity.png", "coevo's sensitivity: each lambda_SFT (0, 0.25, 0.5 = coevo, 1) and target pair-mix "
-            "variant (own failures; + failure agent's, the default; + v1 failure > failure pairs) minus eto_sft on "
-            "the same seed's test tasks, reward (x100) per split: paired 95% intervals, grey band = minimum "
-            "detectable effect; variants without runs are marked (no runs).",
+    Product("sensitivity.png", "coevo's sensitivity, one row per axis: each lambda_SFT (0, 0.25, 0.5 = coevo, 1), "
+            "target pair-mix variant (own failures; + failure agent's, the default; + v1 failure > failure pairs) "
+            "and failure-agent loss (DPO only, the default; DPO + SFT) minus eto_sft on the same seed's test "
+            "tasks, reward (x100) per split: paired 95% intervals, grey band = minimum detectable effect; "
+            "variants without runs are marked (no runs).",
             lambda f: plots.sensitivity(f.sensitivity_summary)),
     Product("sensitivity.md", "The numbers behind sensitivity.png, reward and success: difference to eto_sft "
             "[95% CI], minimum detectable effect, the unpaired half-width, seeds and tasks per variant and split.",
