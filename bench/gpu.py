@@ -42,6 +42,7 @@ from coevo_lib.models import env_corpus, load_model, load_tokenizer, save_agent,
 from coevo_lib.runs import init_run_dir
 from coevo_lib.seeding import quiet_libraries
 from coevo_lib.train import train_dpo, train_sft
+from coevo_lib.train.common import changed_share, parameters_snapshot
 from coevo_lib.train.launch import run_stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -146,7 +147,7 @@ def training_rows(checkpoint: Path, n_params: int, peak: float, experts, pairs, 
         config = ModelConfig(name_or_path=str(checkpoint), dtype=dtype, lora=LoraConfig(enabled=lora, r=16, alpha=32))
         for kind in ("sft", "dpo"):
             model, tokenizer = load_model(checkpoint, config, trainable=True), load_tokenizer(checkpoint)
-            before = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+            before = parameters_snapshot(model, "cpu")
             torch.cuda.reset_peak_memory_stats()
             if kind == "sft":
                 stats = train_sft(model, tokenizer, experts, sft_stage, tmp / f"{label}-{kind}", seed=0)
@@ -154,22 +155,12 @@ def training_rows(checkpoint: Path, n_params: int, peak: float, experts, pairs, 
                 stats = train_dpo(model, tokenizer, pairs, dpo_stage, tmp / f"{label}-{kind}", seed=0)
             row = training_row(f"{kind} {label}", kind, stats, n_params, peak)
             row.update(weights_dtype=str(next(p for p in model.parameters() if p.requires_grad).dtype),
-                       changed_elements=changed_fraction(model, before))
+                       changed_elements=changed_share(model, before))
             rows.append(row)
             print(json.dumps(row), flush=True)  # rows as they come: a run cut short still reports them
             del model, before
             torch.cuda.empty_cache()
     return rows
-
-
-def changed_fraction(model, before: dict[str, torch.Tensor]) -> float:
-    """Share of the trained elements that training moved (an update below bf16's rounding moves none)."""
-    changed = total = 0
-    for name, param in model.named_parameters():
-        if name in before:
-            changed += int((param.detach().cpu() != before[name]).sum())
-            total += param.numel()
-    return changed / total
 
 
 def training_row(name: str, kind: str, stats: dict, n_params: int, peak: float) -> dict[str, Any]:

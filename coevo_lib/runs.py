@@ -116,7 +116,7 @@ def init_run_dir(config: RunConfig, path: Path) -> RunDir:
 def compare_config(run: RunDir, config: RunConfig) -> str:
     """'same', or 'extends' when only loop.iterations grew; any other difference raises ConfigError."""
     # train.* says how stages are launched, not what they compute: a run may resume on more or fewer ranks.
-    saved = {**with_defaults(yaml.safe_load(run.config_path.read_text())), "train": None}
+    saved = {**saved_with_defaults(run), "train": None}
     current = {**yaml.safe_load(dump_config(config)), "train": None}
     diffs = sorted(flatten_diff(saved, current))
     if not diffs:
@@ -132,15 +132,15 @@ def compare_config(run: RunDir, config: RunConfig) -> str:
     )
 
 
-def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config with the keys added to coevo since it was written, at their defaults.
+def saved_with_defaults(run: RunDir) -> dict[str, Any]:
+    """The run's saved config with the keys added to coevo since it was written, at their defaults.
 
     New keys default to the behaviour from before they existed, so a run started earlier resumes and
     compares as before; a saved config that no longer loads (a key since removed) is compared as saved."""
     try:
-        return yaml.safe_load(dump_config(from_dict(RunConfig, saved, "")))
+        return yaml.safe_load(dump_config(run.load_config()))
     except ConfigError:
-        return saved
+        return yaml.safe_load(run.config_path.read_text())
 
 
 def flatten_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -14,7 +14,7 @@ from coevo_lib.config import DPOStageConfig, LoraConfig, ModelConfig, RolloutCon
 from coevo_lib.models import build_tiny_model, is_peft_checkpoint, load_model, load_tokenizer, save_agent, save_merged
 from coevo_lib.rollout import HFGenerator
 from coevo_lib.train import train_dpo, train_sft
-from coevo_lib.train.common import changed_parameters, parameters_snapshot
+from coevo_lib.train.common import changed_parameters, changed_share, parameters_snapshot
 
 from conftest import make_episode
 
@@ -65,12 +65,6 @@ def test_batched_generation_on_gpu(saved_model, tiny_tokenizer):
     assert len(replies) == 8 and all(0 < n <= 16 for _, n in replies)
 
 
-def moved_share(model, before) -> float:
-    """Share of the trainable elements that differ from the snapshot."""
-    pairs = [(p.detach(), before[n]) for n, p in model.named_parameters() if n in before]
-    return sum(int((p != b).sum()) for p, b in pairs) / sum(p.numel() for p, _ in pairs)
-
-
 def test_full_fine_tuning_keeps_float32_master_weights_so_small_updates_land(saved_model, shop_pairs, tmp_path):
     # A DPO learning rate (5e-6) moves weights far less than bf16's rounding step (~1/256 of a weight):
     # trained in pure bf16 almost every update is lost; coevo's default keeps float32 master weights.
@@ -82,5 +76,5 @@ def test_full_fine_tuning_keeps_float32_master_weights_so_small_updates_land(sav
         assert model.dtype == (torch.float32 if dtype == "auto" else torch.bfloat16)
         before = parameters_snapshot(model)
         train_dpo(model, load_tokenizer(saved_model), shop_pairs, stage, tmp_path / dtype, seed=0)
-        shares[dtype] = moved_share(model, before)
+        shares[dtype] = changed_share(model, before)
     assert shares["auto"] > 0.9 and shares["bfloat16"] < 0.5 * shares["auto"], shares

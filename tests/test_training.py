@@ -10,7 +10,7 @@ from coevo_lib.config import DPOStageConfig, LoraConfig, ModelConfig, SFTStageCo
 from coevo_lib.models import training_dtype
 from coevo_lib.prompting import tokenize_conversation
 from coevo_lib.train import sequence_logps, train_dpo, train_sft
-from coevo_lib.train.common import changed_parameters, parameters_snapshot
+from coevo_lib.train.common import changed_parameters, changed_share, parameters_snapshot
 from coevo_lib.train.dpo import AssistantMaskCollator, build_dpo_trainer, pair_features, pairs_dataset
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -133,3 +133,11 @@ def test_full_fine_tuning_trains_float32_master_weights_and_lora_keeps_the_base_
     assert training_dtype(ModelConfig(lora=LoraConfig(enabled=True)), cuda) == torch.bfloat16  # frozen base
     assert training_dtype(ModelConfig(lora=LoraConfig(enabled=True)), cpu) == torch.float32
     assert training_dtype(ModelConfig(dtype="bfloat16"), cuda) == torch.bfloat16  # explicit: pure bf16
+
+
+def test_changed_share_counts_elements_against_a_snapshot_kept_on_another_device(tiny_model):
+    before = parameters_snapshot(tiny_model, "cpu")
+    with torch.no_grad():
+        next(tiny_model.parameters()).view(-1)[:3] += 1.0
+    total = sum(b.numel() for b in before.values())
+    assert changed_share(tiny_model, before) == 3 / total and changed_parameters(tiny_model, before) == 1

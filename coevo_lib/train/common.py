@@ -70,13 +70,22 @@ def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int, p
     }
 
 
-def parameters_snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+def parameters_snapshot(model, device: str | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors, on ``device`` (default: where they are; "cpu" spares GPU memory)."""
+    return {name: p.detach().to(device or p.device, copy=True) for name, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def changed_parameters(model, before: dict[str, torch.Tensor]) -> int:
     """How many trainable tensors differ from the snapshot (tests assert this is > 0)."""
     return sum(not torch.equal(p.detach(), before[name]) for name, p in model.named_parameters() if name in before)
+
+
+def changed_share(model, before: dict[str, torch.Tensor]) -> float:
+    """Share of the snapshot's elements that differ now (an update below bf16's rounding changes none)."""
+    pairs = [(p.detach().to(before[name].device), before[name]) for name, p in model.named_parameters()
+             if name in before]
+    return sum(int((p != b).sum()) for p, b in pairs) / sum(b.numel() for _, b in pairs)
 
 
 def run_quietly(trainer):
