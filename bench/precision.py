@@ -14,7 +14,10 @@ only the trainer arguments:
 - grouped: train_sampling_strategy=group_by_length (batches of similar lengths: less padding, same
   examples per epoch); SFT only (transformers groups by input_ids, which preference rows do not have);
 - no-gc: gradient_checkpointing=False (train.gradient_checkpointing; activations kept instead of
-  recomputed in the backward pass: the same arithmetic, so the same losses).
+  recomputed in the backward pass: the same arithmetic, so the same losses);
+- all-positions: trl's own choice on CPU for its fused LM head, projecting every position, where coevo
+  projects only the labelled ones (train.common.score_labelled_tokens_only; every other row has it). Its
+  ratio below 1 is the time coevo saves; losses agree to float rounding.
 Each row prints seconds, the ratio to fp32 at the same thread count (> 1 is faster) and the mean loss of
 the last epoch's steps (a precision that hurts training shows there). --threads 1 is how a study with
 workers: 2 trains (one torch thread per run).
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import trl.trainer.utils as trl_utils
 
 from coevo_lib.config import DPOStageConfig, SFTStageConfig, load_config
 from coevo_lib.envs import make_env
@@ -45,9 +49,9 @@ from dpo import bench_pairs  # noqa: E402  (expert > replayed-failure pairs)
 
 GROUPED = {"train_sampling_strategy": "group_by_length"}
 VARIANTS = {"fp32": {}, "bf16": {"bf16": True}, "grouped": GROUPED, "bf16+grouped": {"bf16": True, **GROUPED},
-            "no-gc": {"gradient_checkpointing": False}}
+            "no-gc": {"gradient_checkpointing": False}, "all-positions": {}}
 # transformers groups by input_ids, which preference rows do not have: DPO gets the ungrouped variants.
-STAGE_VARIANTS = {"sft": list(VARIANTS), "dpo": ["fp32", "bf16", "no-gc"]}
+STAGE_VARIANTS = {"sft": list(VARIANTS), "dpo": ["fp32", "bf16", "no-gc", "all-positions"]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,11 +64,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def use_variant(extra: dict) -> None:
-    """coevo's trainer arguments with the variant's on top (the bench's only change to its trainers)."""
+def use_variant(name: str) -> None:
+    """coevo's trainer arguments with the variant's on top, and coevo's LM-head mode unless the variant is
+    all-positions (the bench's only changes to its trainers)."""
     def patched(*args, **kwargs):
-        return {**common.trainer_kwargs(*args, **kwargs), **extra}
+        return {**common.trainer_kwargs(*args, **kwargs), **VARIANTS[name]}
     coevo_sft.trainer_kwargs = coevo_dpo.trainer_kwargs = patched
+    every_position = name == "all-positions"
+    trl_utils._use_triton = common._TRL_USE_TRITON if every_position else common._compact_on_cpu
+    head_mode = (lambda: None) if every_position else common.score_labelled_tokens_only
+    coevo_sft.score_labelled_tokens_only = coevo_dpo.score_labelled_tokens_only = head_mode
 
 
 def last_epoch_loss(trainer, epochs: float) -> float:
@@ -96,7 +105,7 @@ def main() -> None:
             for kind in ("sft", "dpo"):
                 base = None
                 for name in STAGE_VARIANTS[kind]:
-                    use_variant(VARIANTS[name])
+                    use_variant(name)
                     model = build_tiny_model(config.model.tiny, tokenizer, seed=0)
                     out = Path(tmp) / f"{kind}-{threads}-{name}"
                     start = time.perf_counter()

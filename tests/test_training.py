@@ -141,3 +141,35 @@ def test_changed_share_counts_elements_against_a_snapshot_kept_on_another_device
         next(tiny_model.parameters()).view(-1)[:3] += 1.0
     total = sum(b.numel() for b in before.values())
     assert changed_share(tiny_model, before) == 3 / total and changed_parameters(tiny_model, before) == 1
+
+
+def test_fused_head_scores_only_labelled_positions_on_cpu(tiny_model, tiny_tokenizer, shop_pairs, tmp_path,
+                                                         monkeypatch):
+    """coevo's trainers make trl's fused LM head project only labelled (assistant) positions on CPU, and
+    the log-probs stay those of the full projection. Fails if trl stops choosing the mode by _use_triton."""
+    import trl.trainer.utils as trl_utils
+
+    rows = []
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    class Spy(chunked):
+        @staticmethod
+        def forward(ctx, hidden, *args):
+            rows.append(hidden.shape[0])
+            return chunked.forward(ctx, hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
+    trainer = build_dpo_trainer(tiny_model, tiny_tokenizer, pairs_dataset(tiny_tokenizer, shop_pairs[:1]),
+                                DPOStageConfig(batch_size=1), tmp_path, seed=0, precompute_ref=False,
+                                ref_model=copy.deepcopy(tiny_model))
+    batch = trainer.data_collator([pair_features(tiny_tokenizer, shop_pairs[0].prompt_messages,
+                                                 shop_pairs[0].chosen_messages, shop_pairs[0].rejected_messages)])
+    compact = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    labelled = int(batch["completion_mask"][:, 1:].sum())
+    assert rows == [labelled] and labelled < batch["input_ids"][:, 1:].numel() / 2
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)  # trl's choice on CPU
+    every = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    assert rows[-1] == batch["input_ids"][:, 1:].numel()
+    for ours, full in zip(compact, every):
+        assert torch.allclose(ours, full, rtol=1e-5, atol=1e-4)

@@ -25,7 +25,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from coevo_lib.config import DPOStageConfig
 from coevo_lib.prompting import render_ids, tokenize_conversation
 from coevo_lib.records import Pair
-from coevo_lib.train.common import batch_accounting, run_quietly, step_losses, trainer_kwargs
+from coevo_lib.train.common import (batch_accounting, run_quietly, score_labelled_tokens_only, step_losses,
+                                    trainer_kwargs)
 
 MASK_COLUMNS = ("chosen_mask", "rejected_mask")
 
@@ -107,6 +108,7 @@ def build_dpo_trainer(model, tokenizer, dataset: Dataset, stage: DPOStageConfig,
         precompute_ref_log_probs=precompute_ref and ref_model is None,
         precompute_ref_batch_size=kwargs["per_device_train_batch_size"],
     )
+    score_labelled_tokens_only()
     collator = AssistantMaskCollator(pad_token_id=tokenizer.pad_token_id, max_length=stage.max_length)
     return MaskedDPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,

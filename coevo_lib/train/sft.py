@@ -16,7 +16,8 @@ from trl import SFTConfig, SFTTrainer
 from coevo_lib.config import SFTStageConfig
 from coevo_lib.prompting import tokenize_conversation
 from coevo_lib.records import Episode
-from coevo_lib.train.common import batch_accounting, run_quietly, step_losses, trainer_kwargs
+from coevo_lib.train.common import (batch_accounting, run_quietly, score_labelled_tokens_only, step_losses,
+                                    trainer_kwargs)
 
 
 def sft_features(tokenizer, episodes: list[Episode], max_length: int) -> Dataset:
@@ -41,6 +42,7 @@ def fit_sft(model, tokenizer, dataset: Dataset, stage: SFTStageConfig, output_di
     """SFT on tokenised ``dataset`` (one rank of ``processes``); the trainer and the stage's accounting."""
     kwargs = trainer_kwargs(stage, output_dir, seed, model, len(dataset), processes, device_type,
                             gradient_checkpointing)
+    score_labelled_tokens_only()
     trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs, packing=False), train_dataset=dataset,
                          processing_class=tokenizer)
     start = time.time()
