@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import trl.trainer.utils as trl_utils
 
-_TRL_USE_TRITON = trl_utils._use_triton
+_TRL_USE_TRITON = trl_utils._use_triton  # trl's own choice of fused-head mode, kept for other devices
 
 
 def _compact_on_cpu(device: torch.device) -> bool:
@@ -21,8 +21,8 @@ def score_labelled_tokens_only() -> None:
 
     trl 1.16's fused head (SFT and DPO, policy and reference) scores only labelled positions on
     Triton devices and every position elsewhere, so that XLA-like devices keep one tile shape. On
-    CPU nothing is compiled, and the unlabelled positions (prompt, observations, padding: ~80% of
-    a minishop pair's tokens) only cost time: the head is most of a tiny model's step, and one DPO
+    CPU nothing is compiled, and the unlabelled positions (prompt, observations, padding: over 70%
+    of a minishop pair's tokens) only cost time: the head is most of a tiny model's step, and one DPO
     stage of the results study ran 2.4x faster with this (bench/precision.py, `all-positions`
     rows). The labelled positions get the same values up to float rounding (the matmuls' row
     count differs). trl picks the mode through its module-level ``_use_triton``, which this
