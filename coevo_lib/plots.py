@@ -193,6 +193,9 @@ def stacked_bars(data: pd.DataFrame, parts: Sequence[str], colors: Sequence[str]
     for part, part_color in zip(parts, colors):
         ax.barh(data["label"], data[part], left=left, color=part_color, label=part)
         left += data[part].to_numpy(dtype=float)
+    # A part that is 0 in every row still draws zero-width bars at the row's total, whose sticky edges
+    # stop autoscaling at the longest bar: the frame would cut it. Leave room explicitly.
+    ax.set_xlim(0, max(float(np.nanmax(left)), 1.0) * 1.04)
     ax.tick_params(axis="y", labelsize=7)
     ax.invert_yaxis()  # first row on top, as in the table
     ax.set_xlabel(xlabel)

@@ -400,3 +400,14 @@ def test_plot_functions_return_figures_that_notebooks_show_as_png():
 def test_figures_without_runs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         build_figures(tmp_path, tmp_path / "figures")
+
+
+def test_stacked_bars_leave_room_for_the_longest_bar_when_a_part_is_zero_everywhere():
+    """A part that is 0 in every row (plain ETO pairs in a coevo-only study) must not pin the x axis at the
+    longest bar's end, where the frame cuts it."""
+    from coevo_lib import plots
+
+    mix = pd.DataFrame({"label": ["a it1", "a it2"], "eto": [0.0, 0.0], "expert": [700.0, 1200.0],
+                        "failure": [300.0, 1900.0], "positive": [0.0, 0.0]})
+    figure = plots.pair_mix(mix)
+    assert figure.axes[0].get_xlim()[1] > 3100.0
