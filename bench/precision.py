@@ -70,9 +70,10 @@ def use_variant(name: str) -> None:
     def patched(*args, **kwargs):
         return {**common.trainer_kwargs(*args, **kwargs), **VARIANTS[name]}
     coevo_sft.trainer_kwargs = coevo_dpo.trainer_kwargs = patched
-    every_position = name == "all-positions"
-    trl_utils._use_triton = common._TRL_USE_TRITON if every_position else common._compact_on_cpu
-    head_mode = (lambda: None) if every_position else common.score_labelled_tokens_only
+    head_mode = common.score_labelled_tokens_only
+    if name == "all-positions":  # trl's own choice, which coevo's trainer builders must not switch back
+        trl_utils._use_triton = common._TRL_USE_TRITON
+        head_mode = lambda: None  # noqa: E731
     coevo_sft.score_labelled_tokens_only = coevo_dpo.score_labelled_tokens_only = head_mode
 
 
