@@ -3,7 +3,7 @@
 Layout (written before any compute)::
 
     <run>/config.yaml      resolved RunConfig
-    <run>/env.json         git sha, package versions, device
+    <run>/env.json         git sha, package versions, device, CPU model and torch kernel level
     <run>/protocol.json    the environment's benchmark protocol: splits, step limits, reward rule (expert stage)
     <run>/metrics.jsonl    one JSON record per finished stage (idempotent: a stage logs once)
     <run>/episodes/        rollouts and evaluation episodes (JSONL)
@@ -35,7 +35,7 @@ from coevo_lib.records import append_jsonl, read_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "coevo")
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "coevo")
 
 
 @dataclass
@@ -167,10 +167,24 @@ def environment_info(config: RunConfig) -> dict[str, Any]:
         "packages": {name: package_version(name) for name in PACKAGES},
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # Runs repeated on another CPU differ by float rounding (other kernels): record which one ran.
+        "cpu_model": cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what platform knows, possibly "")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def git_sha() -> str | None:

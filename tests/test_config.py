@@ -83,3 +83,20 @@ def test_a_run_saved_before_a_key_existed_resumes_and_a_changed_value_still_refu
     run.config_path.write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match="loop.pairs.failure_within_agent: True -> False"):
         init_run_dir(config, tmp_path / "run")
+
+
+def test_env_json_records_the_cpu_and_kernels_a_run_computed_on(tmp_path):
+    """Float rounding differs between CPUs, so a run's record says which CPU and torch kernel level ran it."""
+    import json
+    import platform
+
+    import torch
+
+    from coevo_lib.runs import init_run_dir
+
+    run = init_run_dir(RunConfig(runs_root=str(tmp_path)), tmp_path / "run")
+    env = json.loads(run.sub("env.json").read_text())
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if platform.system() == "Linux":
+        assert env["cpu_model"] and env["cpu_model"] in Path("/proc/cpuinfo").read_text()
+    assert env["packages"]["accelerate"]
