@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
+from traitlets.config import Config
 
 from coevo_lib.analysis.loading import is_finished, project_root, resolve_path
 from coevo_lib.config import ConfigError, from_dict, load_config
@@ -52,6 +53,11 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "model.tiny.hidden_size": 32, "model.tiny.num_layers": 1, "model.tiny.num_heads": 2,
     "model.tiny.intermediate_size": 64, "model.tiny.vocab_size": 512, "model.tiny.tokenizer_tasks_per_split": 40,
 }
+
+# jupyter_client provisions CurveZMQ keys when the kernelspec declares it can use them (ipykernel's does):
+# the kernel's sockets are encrypted, and ipykernel no longer warns once per notebook that they run over
+# plain-text TCP. A kernel that cannot encrypt starts as before, and its warning then still shows.
+ENCRYPTED_KERNEL = Config({"KernelManager": {"transport_encryption": "auto"}})
 
 ANALYSIS_NOTEBOOKS = ["notebooks/20-hard-negatives.ipynb", "notebooks/30-decision-boundary.ipynb",
                       "notebooks/40-results.ipynb"]
@@ -165,7 +171,7 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     with text_progress():
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=execution_kernel(),
-                                   cwd=str(project_root()), progress_bar=False)
+                                   cwd=str(project_root()), progress_bar=False, config=ENCRYPTED_KERNEL)
 
 
 def notebook_failure(what: str, notebook: Path, output: Path, error: Exception) -> str:

@@ -187,3 +187,16 @@ def test_analysis_notebook_without_runs_stops_at_the_one_line_message(tmp_path, 
         execute(path.resolve(), tmp_path / path.name, {"runs_root": str(tmp_path / "no-runs")})
     assert failure.value.ename == "NoRunsError" and "no finished runs under" in failure.value.evalue
     assert not (tmp_path / "no-runs").exists()
+
+
+def test_notebook_runs_print_no_plain_tcp_warning(tmp_path, capfd):
+    """ipykernel warned once per notebook that its sockets run over plain-text TCP (make demo printed it for
+    every run): coevo's runner asks jupyter_client for an encrypted kernel, and the warning is gone."""
+    parameters = nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]})
+    notebook = nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell("print(x + 1)")])
+    notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_NAME, "language": "python"}
+    nbformat.write(notebook, tmp_path / "tiny.ipynb")
+    execute(tmp_path / "tiny.ipynb", tmp_path / "out.ipynb", {"x": 5})
+    printed = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0].text
+    assert printed == "6\n"
+    assert "without encryption" not in capfd.readouterr().err  # the kernel process writes to this process's fd 2
