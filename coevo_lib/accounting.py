@@ -36,6 +36,14 @@ def rollout_accounting(episodes: list[Episode]) -> dict[str, Any]:
         "mean_failure_reward": mean(ep.reward for ep in failures) if failures else float("nan"),
         "failure_diversity": distinct_action_share(failures),
         "tokens_generated": sum(ep.tokens_generated for ep in episodes),
+        **interaction_counts(episodes),
         "mean_steps": mean(ep.steps for ep in episodes) if episodes else float("nan"),
         **threshold_shares(failures),
     }
+
+
+def interaction_counts(episodes: list[Episode]) -> dict[str, int]:
+    """Model calls and environment work of plain rollouts: one generation and one step per turn, one reset
+    per episode (the units Agent-R's tree search and SRLM's judge are counted in too, docs/baselines.md)."""
+    steps = sum(ep.steps for ep in episodes)
+    return {"generations": steps, "env_steps": steps, "env_resets": len(episodes)}

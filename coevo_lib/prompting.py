@@ -102,13 +102,23 @@ def render_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt:
     return list(ids)
 
 
+# A message may carry ``"loss": False``: an assistant turn kept as context but not trained on (Agent-R's
+# revision trajectories keep the bad prefix to recover from, never to imitate; docs/baselines.md).
+LOSS_KEY = "loss"
+
+
+def trains_on(message: dict, index: int, prompt_messages: int) -> bool:
+    return message["role"] == "assistant" and index >= prompt_messages and message.get(LOSS_KEY, True) is not False
+
+
 def tokenize_conversation(
     tokenizer, messages: list[dict[str, str]], prompt_messages: int = 0
 ) -> tuple[list[int], list[int]]:
     """Token ids of a whole conversation and a mask that is 1 exactly on the agent's assistant tokens.
 
     Assistant messages among the first ``prompt_messages`` (a worked example, ETO's "OK") are prompt, not
-    the agent's: they stay 0, so SFT never trains on the in-context example.
+    the agent's: they stay 0, so SFT never trains on the in-context example. So do messages flagged
+    ``"loss": False``.
 
     Works for any chat template (no {% generation %} markers needed): each assistant span is the
     difference between the rendering up to its generation prompt and the rendering including it.
@@ -117,7 +127,7 @@ def tokenize_conversation(
     ids = render_ids(tokenizer, messages)
     mask = [0] * len(ids)
     for index, message in enumerate(messages):
-        if message["role"] != "assistant" or index < prompt_messages:
+        if not trains_on(message, index, prompt_messages):
             continue
         start = len(render_ids(tokenizer, messages[:index], add_generation_prompt=True))
         end = len(render_ids(tokenizer, messages[: index + 1]))

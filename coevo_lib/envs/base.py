@@ -15,6 +15,16 @@ from typing import Any, TypeVar
 StepResult = tuple[str, float, bool, dict[str, Any]]
 
 
+# Agent-R's reflection turn ("Thought: <I made a mistake...>\nAction: wait") needs an action that changes nothing:
+# environments that offer it answer NOOP_OBSERVATION and count it as a step (docs/baselines.md).
+NOOP_ACTION = "wait"
+NOOP_OBSERVATION = "ok."
+
+
+def is_noop(action: str) -> bool:
+    return action.strip().lower() == NOOP_ACTION
+
+
 class EnvError(ValueError):
     """Raised for misuse of an environment by the caller (unknown split or task id), never for agent actions."""
 
@@ -52,6 +62,8 @@ class TextEnv(ABC):
     max_steps: int = 15
     # How the final reward is computed, in one line (recorded in run directories by protocol()).
     reward_rule: str = "final reward in [0, 1]"
+    # The no-op action this environment answers with NOOP_OBSERVATION (one step), or None without one.
+    noop_action: str | None = NOOP_ACTION
 
     @abstractmethod
     def splits(self) -> list[str]:
@@ -100,7 +112,8 @@ class TextEnv(ABC):
 
         Written to ``<run>/protocol.json`` so a run says which rules produced its numbers."""
         return {"env": self.name, "split_sizes": {split: len(self.task_ids(split)) for split in self.splits()},
-                "max_steps": self.max_steps, "reward_rule": self.reward_rule}
+                "max_steps": self.max_steps, "reward_rule": self.reward_rule, "noop_action": self.noop_action,
+                "noop_observation": NOOP_OBSERVATION if self.noop_action else None}
 
     def close(self) -> None:
         """Release external resources (JVMs, database connections). Safe to call twice."""

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from coevo_lib.envs.base import EnvError, StepResult, TaskSpec, TextEnv, live_episode
+from coevo_lib.envs.base import NOOP_OBSERVATION, EnvError, StepResult, TaskSpec, TextEnv, is_noop, live_episode
 from coevo_lib.envs.sql_build import Question, database_path, load_questions, require_build
 from coevo_lib.envs.sql_sandbox import QueryResult, SqlSandbox, result_reward
 
@@ -176,11 +176,15 @@ class InterCodeSQLEnv(TextEnv):
         sql = strip_fences(action)
         if is_submit(sql):
             return self._finish(episode, submitted=True)
+        if is_noop(sql):  # Agent-R's reflection turn: the last result stays the one that would be scored
+            return self._after_step(episode, NOOP_OBSERVATION, executed=False)
         episode.last_result = self._sandbox(episode.question.db_id, self.timeout_s).execute(sql)
-        observation = render_result(episode.last_result, self.max_rows)
+        return self._after_step(episode, render_result(episode.last_result, self.max_rows), episode.last_result.ok)
+
+    def _after_step(self, episode: EpisodeState, observation: str, executed: bool) -> StepResult:
         if episode.steps >= self.max_steps:
             return self._finish(episode, submitted=False, observation=observation)
-        info = {"success": False, "steps": episode.steps, "action_executed": episode.last_result.ok}
+        info = {"success": False, "steps": episode.steps, "action_executed": executed}
         return observation, 0.0, False, info
 
     def expert_actions(self, task_id: str) -> list[str]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from coevo_lib.envs.base import EnvError, StepResult, TaskSpec, TextEnv, live_episode
+from coevo_lib.envs.base import NOOP_OBSERVATION, EnvError, StepResult, TaskSpec, TextEnv, is_noop, live_episode
 from coevo_lib.envs.minishop_catalog import Goal, Product, Shop, Task, build_shop, search, tokenize
 
 SPLITS = ("train", "test_seen", "test_unseen")
@@ -137,7 +137,10 @@ class ShopEpisode:
     def step(self, action: str) -> StepResult:
         self.steps += 1
         parsed = parse_action(action)
-        outcome = self.apply(*parsed) if parsed is not None else None
+        if is_noop(action):  # Agent-R's reflection turn: nothing changes, the step still counts
+            outcome = self.observe(NOOP_OBSERVATION)
+        else:
+            outcome = self.apply(*parsed) if parsed is not None else None
         if outcome is None:
             outcome = self.invalid()
         if not outcome[2] and self.steps >= self.max_steps:

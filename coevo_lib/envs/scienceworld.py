@@ -239,6 +239,9 @@ class ScienceWorldEnv(TextEnv):
     :meth:`expert_actions`."""
 
     name = "scienceworld"
+    # "wait" is ScienceWorld's own action (10 ticks pass), used by expert paths: it is not overridden,
+    # so an Agent-R reflection turn here changes the world (docs/baselines.md).
+    noop_action = None
 
     def __init__(
         self, seed: int = 0, split: str = "eto", n_train: int | None = None, n_test_seen: int | None = None,
