@@ -20,7 +20,8 @@ from trl import DPOConfig, DPOTrainer
 
 from coevo_lib.config import DPOStageConfig, PromptConfig, TinyModelConfig
 from coevo_lib.envs import make_env
-from coevo_lib.models import build_tiny_model, env_corpus, train_tiny_tokenizer
+from coevo_lib.rollout import expert_corpus
+from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.pairs import make_pair
 from coevo_lib.rollout import expert_episode, replay_episode
 from coevo_lib.seeding import quiet_libraries
@@ -60,7 +61,7 @@ def main() -> None:
     args = parse_args()
     quiet_libraries()
     env, prompt, pairs = bench_pairs(args.pairs)
-    tokenizer = train_tiny_tokenizer(env_corpus(env, prompt, 200), 2048)
+    tokenizer = train_tiny_tokenizer(expert_corpus(env, prompt, 200), 2048)
     model_config = TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
                                    intermediate_size=args.hidden * 3)
     stage = DPOStageConfig(epochs=args.epochs, batch_size=8, lambda_dpo=1.0, lambda_sft=0.0, warmup_ratio=0.0)

@@ -38,7 +38,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from coevo_lib.config import (DPOStageConfig, LoraConfig, ModelConfig, RunConfig, SFTStageConfig,
                               TrainLaunchConfig)
-from coevo_lib.models import env_corpus, load_model, load_tokenizer, save_agent, train_tiny_tokenizer
+from coevo_lib.models import load_model, load_tokenizer, save_agent
+from coevo_lib.rollout import expert_corpus
+from coevo_lib.tiny_model import train_tiny_tokenizer
 from coevo_lib.runs import init_run_dir
 from coevo_lib.seeding import quiet_libraries
 from coevo_lib.train import train_dpo, train_sft
@@ -227,7 +229,7 @@ def main() -> None:
     report["bf16_matmul_tflops"] = matmul_peak() / 1e12
     print(json.dumps(report), flush=True)
     env, prompt, pairs = bench_pairs(max(args.pairs, args.experts))
-    tokenizer = train_tiny_tokenizer(env_corpus(env, prompt, 200), 4096)
+    tokenizer = train_tiny_tokenizer(expert_corpus(env, prompt, 200), 4096)
     experts, pairs = expert_episodes(env, prompt, pairs, args.experts), pairs[: args.pairs]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

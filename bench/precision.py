@@ -37,7 +37,8 @@ import trl.trainer.utils as trl_utils
 
 from coevo_lib.config import DPOStageConfig, SFTStageConfig, load_config
 from coevo_lib.envs import make_env
-from coevo_lib.models import build_tiny_model, env_corpus, train_tiny_tokenizer
+from coevo_lib.rollout import expert_corpus
+from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.rollout import expert_episode
 from coevo_lib.seeding import quiet_libraries
 from coevo_lib.train import common, dpo as coevo_dpo, sft as coevo_sft
@@ -88,7 +89,7 @@ def main() -> None:
     quiet_libraries()
     config = load_config(args.recipe)
     env = make_env(config.env.name, **config.env.kwargs)
-    tokenizer = train_tiny_tokenizer(env_corpus(env, config.prompt, 200), config.model.tiny.vocab_size)
+    tokenizer = train_tiny_tokenizer(expert_corpus(env, config.prompt, 200), config.model.tiny.vocab_size)
     experts = [expert_episode(env, task_id, "train", config.prompt) for task_id in env.task_ids("train")[: args.experts]]
     sft_data = sft_features(tokenizer, experts, 2048)
     _, _, pairs = bench_pairs(args.pairs)

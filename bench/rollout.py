@@ -41,7 +41,8 @@ from coevo_lib.backends import RolloutEngineError
 from coevo_lib.config import RunConfig, load_config
 from coevo_lib.envs import make_env
 from coevo_lib.envs.base import TextEnv
-from coevo_lib.models import create_base_agent, load_model, load_tokenizer
+from coevo_lib.loop import starting_checkpoint
+from coevo_lib.models import load_model, load_tokenizer
 from coevo_lib.records import Episode
 from coevo_lib.rollout import HFGenerator, TaskRef, expand_tasks, rollout
 from coevo_lib.rollout_service import RolloutService, prefix_cache_delta
@@ -90,8 +91,7 @@ def build_bench(args: argparse.Namespace) -> Bench:
     recipe = args.recipe or default_recipe(args.checkpoint)
     config = load_config(recipe, args.overrides)
     env = make_env(config.env.name, **config.env.kwargs)
-    checkpoint = args.checkpoint or create_base_agent(config.model, env, config.prompt, Path(tempfile.mkdtemp()),
-                                                      seed=config.seed)
+    checkpoint = args.checkpoint or starting_checkpoint(config, env, Path(tempfile.mkdtemp()) / "base")
     pool_size = max([config.rollout.batch_size, args.hf_concurrency, *args.concurrency])
     train_ids = env.task_ids("train")
     if args.tasks + args.warmup > len(train_ids):

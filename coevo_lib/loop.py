@@ -17,18 +17,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from coevo_lib.accounting import rollout_accounting
 from coevo_lib.config import RunConfig, final_iteration
 from coevo_lib.envs import make_env
 from coevo_lib.envs.base import TextEnv
 from coevo_lib.evaluate import best_of_n_metrics, split_metrics
-from coevo_lib.models import (create_base_agent, is_peft_checkpoint, load_model, load_tokenizer, save_agent,
-                              set_adapter_base)
+from coevo_lib.model_store import provenance, resolve_model
+from coevo_lib.models import (computes_in_bf16, is_peft_checkpoint, load_model, load_tokenizer, local_or_hub,
+                              save_agent, set_adapter_base)
 from coevo_lib.pairs import eto_pairs, expert_pairs, failure_pairs, target_pairs
 from coevo_lib.records import Episode, Pair, read_episodes, read_pairs, write_json_atomic, write_jsonl_atomic
-from coevo_lib.rollout import HFGenerator, TaskRef, expand_tasks, expert_episode, rollout
+from coevo_lib.rollout import HFGenerator, TaskRef, expand_tasks, expert_corpus, expert_episode, rollout
 from coevo_lib.rollout_service import RolloutService
 from coevo_lib.runs import RunDir, atomic_dir
+from coevo_lib.tiny_model import create_tiny_agent
 from coevo_lib.train import train_dpo, train_sft
 from coevo_lib.train.launch import run_stage, section_config
 
@@ -115,11 +119,8 @@ class Workbench:
                         "the ablation needs loop.iterations >= %d", freeze, self.iterations(), freeze + 2)
 
     def build_base(self) -> dict[str, Any]:
-        path = self.run_dir.checkpoint("base")
-        source = {"path": None}
-        atomic_dir(path, lambda tmp: source.update(path=create_base_agent(
-            self.config.model, self.env, self.config.prompt, tmp, self.config.seed)))
-        return {"checkpoint": str(path) if self.config.model.name_or_path == "tiny" else source["path"]}
+        checkpoint = starting_checkpoint(self.config, self.env, self.run_dir.checkpoint("base"))
+        return {"checkpoint": checkpoint, "provenance": provenance(self.config.model.name_or_path)}
 
     def record_experts(self) -> dict[str, Any]:
         """Expert trajectories of the training tasks; ones that do not succeed (a gold path longer than
@@ -170,11 +171,15 @@ class Workbench:
                 return
             model, tokenizer = load_model(base, self.config.model, trainable=True), load_tokenizer(base)
             stats.update(train_sft(model, tokenizer, episodes, self.config.sft, self.run_dir.sub("tb", name),
-                                   self.config.seed, self.config.train.gradient_checkpointing))
+                                   self.config.seed, self.config.train.gradient_checkpointing, self.cpu_bf16()))
             save_agent(model, tokenizer, tmp)
 
         atomic_dir(self.run_dir.checkpoint(name), build)
         return {**stats, "checkpoint": str(self.run_dir.checkpoint(name))}
+
+    def cpu_bf16(self) -> bool:
+        """Train under bf16 autocast on this CPU (model.cpu_bf16 and native bf16); GPUs decide for themselves."""
+        return computes_in_bf16(self.config.model, torch.device("cpu"))
 
     def launched(self) -> bool:
         return self.config.train.launcher != "inprocess"
@@ -228,11 +233,12 @@ class Workbench:
         if self.config.rollout.is_async:
             task = self.rollouts.task(agent, iteration, kind, temperature)
             return self.rollouts.rollout(self.pool(), refs, checkpoint, task, out)
-        start = time.perf_counter()
-        episodes = rollout(self.pool(), refs, self.generator(checkpoint), agent=agent, iteration=iteration,
+        start, generator = time.perf_counter(), self.generator(checkpoint)
+        episodes = rollout(self.pool(), refs, generator, agent=agent, iteration=iteration,
                            prompt=self.config.prompt, seed=self.config.seed, temperature=temperature,
                            out_path=out, kind=kind)
-        return episodes, {"backend": "hf", "schedule": "lockstep", "wall_s": round(time.perf_counter() - start, 3)}
+        return episodes, {"backend": "hf", "schedule": "lockstep", "wall_s": round(time.perf_counter() - start, 3),
+                          "token_checks": generator.token_checks, "token_mismatches": generator.token_mismatches}
 
     def rollout_stage(self, agent: str, iteration: int, samples: int | None = None) -> list[Episode]:
         """Roll out ``agent`` (as of the start of ``iteration``) on the training tasks; logged with accounting."""
@@ -277,7 +283,7 @@ class Workbench:
                 model, tokenizer = load_model(start, self.config.model, trainable=True), load_tokenizer(start)
                 stats.update(train_dpo(model, tokenizer, pairs, stage_config,
                                        self.run_dir.sub("tb", f"{agent}-it{iteration}"), self.config.seed + iteration,
-                                       self.config.train.gradient_checkpointing))
+                                       self.config.train.gradient_checkpointing, self.cpu_bf16()))
                 save_agent(model, tokenizer, tmp)
 
             atomic_dir(out, build)
@@ -299,6 +305,18 @@ class Workbench:
             metrics.update({f"{split}_{key}": value for key, value in summary.items()})
             metrics[f"{split}_tokens_generated"] = sum(ep.tokens_generated for ep in episodes)
         return metrics
+
+
+def starting_checkpoint(config: RunConfig, env: TextEnv, tiny_dir: Path) -> str:
+    """The model every agent starts from: the tiny model built into ``tiny_dir``, or a pretrained model used
+    where it is (a provisioned name resolves to its cache directory, a local path to an absolute one: stages
+    and launched subprocesses read it from other working directories; nothing is copied)."""
+    model = config.model
+    if model.name_or_path != "tiny":
+        return local_or_hub(resolve_model(model.name_or_path))
+    corpus = expert_corpus(env, config.prompt, model.tiny.tokenizer_tasks_per_split)
+    atomic_dir(tiny_dir, lambda tmp: create_tiny_agent(model.tiny, corpus, tmp, config.seed))
+    return str(tiny_dir)
 
 
 def shared_sft_dir(config: RunConfig, runs_parent: Path) -> Path:

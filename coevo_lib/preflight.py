@@ -19,6 +19,7 @@ from coevo_lib.config import ConfigError, EnvConfig, RunConfig
 from coevo_lib.escaping import one_line
 from coevo_lib.envs import EnvError, available_envs, make_env
 from coevo_lib.envs import _REGISTRY as ENV_REGISTRY
+from coevo_lib.model_store import REGISTRY as MODEL_REGISTRY, ModelNotFetched, resolve_model
 
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 HUB_HOST = ("huggingface.co", 443)
@@ -84,8 +85,15 @@ def check_env_keywords(name: str, cls: type, kwargs: dict) -> None:
 
 
 def check_model_path(name_or_path: str) -> None:
-    """'tiny', a local Hugging Face checkpoint directory, or a hub id that is cached or downloadable."""
+    """'tiny', a model coevo provisions by name and has fetched, a local Hugging Face checkpoint directory, or a
+    hub id that is cached or downloadable."""
     if name_or_path == "tiny":
+        return
+    if name_or_path in MODEL_REGISTRY:
+        try:
+            resolve_model(name_or_path)
+        except ModelNotFetched as error:
+            raise ConfigError(f"config key 'model.name_or_path': {error}") from None
         return
     path = Path(name_or_path).expanduser()
     if path.exists():

@@ -70,6 +70,17 @@ def expert_episode(env: TextEnv, task_id: str, split: str, prompt: PromptConfig)
                           "expert")
 
 
+def expert_corpus(env: TextEnv, prompt: PromptConfig, max_tasks: int) -> list[str]:
+    """Text the tiny tokenizer learns from: expert trajectories of training tasks as prompts, and the
+    environment's vocabulary (coevo_lib.tiny_model trains on it)."""
+    texts = []
+    for task_id in env.task_ids("train")[:max_tasks]:
+        texts.extend(message["content"] for message in expert_episode(env, task_id, "train", prompt).messages)
+    texts.extend(env.vocabulary_text())
+    texts.append("user assistant system Invalid action. Thought: Action: Observation:")
+    return texts
+
+
 class HFGenerator:
     """One batched ``generate`` call per turn with left padding and the KV cache."""
 
@@ -77,6 +88,10 @@ class HFGenerator:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.max_prompt_tokens = max_prompt_tokens
         self.stop_ids = stop_token_ids(tokenizer)
+        # Replies whose text does not re-tokenise to the generated ids (as engine.TokenCheck counts for
+        # served rollouts): pairs are re-tokenised from text, so the agent would train on tokens it did not
+        # generate. The tiny model's byte-level BPE round-trips exactly; a real BPE tokenizer may not.
+        self.token_checks = self.token_mismatches = 0
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return render_ids(self.tokenizer, messages, add_generation_prompt=True)
@@ -110,7 +125,10 @@ class HFGenerator:
     def decode(self, row: list[int]) -> tuple[str, int]:
         """Text up to (not including) the first stop token, and the number of tokens generated."""
         kept, stopped = self.cut_at_stop(row)
-        return self.tokenizer.decode(kept, skip_special_tokens=True), len(kept) + stopped
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        self.token_checks += 1
+        self.token_mismatches += self.tokenizer.encode(text, add_special_tokens=False) != kept
+        return text, len(kept) + stopped
 
 def chunk_seed(seed: int, agent: str, iteration: int, chunk: int) -> int:
     # crc32, not hash(): Python salts string hashes per process, which would break resume.

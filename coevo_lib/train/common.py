@@ -58,13 +58,15 @@ def step_losses(trainer) -> list[float]:
 
 
 def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int, processes: int = 1,
-                   device_type: str | None = None, gradient_checkpointing: bool = True) -> dict[str, Any]:
+                   device_type: str | None = None, gradient_checkpointing: bool = True,
+                   cpu_bf16: bool = False) -> dict[str, Any]:
     """Arguments common to SFTConfig and DPOConfig from a coevo stage config.
 
     Checkpoints are written by coevo itself (one per agent and iteration), so trl saves nothing;
     TensorBoard logs land under the run directory. ``device_type`` is where training runs when the
     model is not there yet (a sharded stage loads weights on the CPU first). ``gradient_checkpointing``
     is ``train.gradient_checkpointing``: trl turns it on by default, which only trades compute for memory.
+    ``cpu_bf16`` (models.computes_in_bf16: model.cpu_bf16 on a CPU with native bf16) autocasts to bf16 on CPU.
     """
     on_gpu = (device_type or next(model.parameters()).device.type) == "cuda"
     return {
@@ -83,8 +85,9 @@ def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int, p
         "logging_steps": 1,  # per-step losses in the stage stats (compared across process counts)
         "report_to": ["tensorboard"],
         # On GPU compute in bf16: autocast over float32 master weights (full fine-tuning, see
-        # models.training_dtype), or bf16 weights as loaded (a LoRA base, an explicit model.dtype).
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        # models.training_dtype), or bf16 weights as loaded (a LoRA base, an explicit model.dtype). On a CPU
+        # with AMX / AVX512-BF16 the same, when asked: SmolLM2's SFT step 2.1x faster than float32.
+        "bf16": (on_gpu and torch.cuda.is_bf16_supported()) or (not on_gpu and cpu_bf16),
         "use_cpu": not on_gpu,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,

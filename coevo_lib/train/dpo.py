@@ -99,10 +99,11 @@ def dpo_loss_terms(stage: DPOStageConfig) -> tuple[list[str], list[float]]:
 
 def build_dpo_trainer(model, tokenizer, dataset: Dataset, stage: DPOStageConfig, output_dir: Path, seed: int,
                       ref_model=None, precompute_ref: bool = True, processes: int = 1,
-                      device_type: str | None = None, gradient_checkpointing: bool = True) -> MaskedDPOTrainer:
+                      device_type: str | None = None, gradient_checkpointing: bool = True,
+                      cpu_bf16: bool = False) -> MaskedDPOTrainer:
     loss_types, loss_weights = dpo_loss_terms(stage)
     kwargs = trainer_kwargs(stage, output_dir, seed, model, len(dataset), processes, device_type,
-                            gradient_checkpointing)
+                            gradient_checkpointing, cpu_bf16)
     args = DPOConfig(
         **kwargs, beta=stage.beta, loss_type=loss_types, loss_weights=loss_weights,
         precompute_ref_log_probs=precompute_ref and ref_model is None,
@@ -117,23 +118,24 @@ def build_dpo_trainer(model, tokenizer, dataset: Dataset, stage: DPOStageConfig,
 
 
 def train_dpo(model, tokenizer, pairs: list[Pair], stage: DPOStageConfig, output_dir: Path, seed: int,
-              gradient_checkpointing: bool = True) -> dict:
+              gradient_checkpointing: bool = True, cpu_bf16: bool = False) -> dict:
     """DPO in place on ``pairs``; the reference is ``model`` as it is now (the start of the iteration)."""
     if not pairs:
         return {"pairs": 0, "steps": 0, "tokens_trained": 0, "wall_s": 0.0, "train_loss": None}
     return fit_dpo(model, tokenizer, pairs_dataset(tokenizer, pairs), stage, output_dir, seed,
-                   gradient_checkpointing=gradient_checkpointing)[1]
+                   gradient_checkpointing=gradient_checkpointing, cpu_bf16=cpu_bf16)[1]
 
 
 def fit_dpo(model, tokenizer, dataset: Dataset, stage: DPOStageConfig, output_dir: Path, seed: int,
             processes: int = 1, device_type: str | None = None,
-            gradient_checkpointing: bool = True) -> tuple[MaskedDPOTrainer, dict]:
+            gradient_checkpointing: bool = True, cpu_bf16: bool = False) -> tuple[MaskedDPOTrainer, dict]:
     """DPO on tokenised pairs (one rank of ``processes``). Under several ranks ``dataset`` must be
     file-backed (``load_from_disk``): trl caches the reference log-probs next to its files, which
     every rank then reads; an in-memory dataset's cache name is random per process."""
     start = time.time()
     trainer = build_dpo_trainer(model, tokenizer, dataset, stage, output_dir, seed, processes=processes,
-                                device_type=device_type, gradient_checkpointing=gradient_checkpointing)
+                                device_type=device_type, gradient_checkpointing=gradient_checkpointing,
+                                cpu_bf16=cpu_bf16)
     output = run_quietly(trainer)
     sequence_tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in dataset)
     return trainer, {

@@ -28,7 +28,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from datasets import Dataset, load_from_disk
 
-from coevo_lib.models import load_model, load_tokenizer, save_agent, training_dtype
+from coevo_lib.models import computes_in_bf16, load_model, load_tokenizer, save_agent, training_dtype
 from coevo_lib.records import read_episodes, read_pairs, write_json_atomic
 from coevo_lib.runs import RunDir
 from coevo_lib.seeding import quiet_libraries, seed_everything
@@ -138,7 +138,8 @@ def train_job(job: dict[str, Any], state: PartialState) -> dict[str, Any]:
     fit = fit_sft if job["kind"] == "sft" else fit_dpo
     trainer, stats = fit(model, tokenizer, dataset, stage, Path(job["tb_dir"]), job["seed"],
                          processes=state.num_processes, device_type=device_type,
-                         gradient_checkpointing=config.train.gradient_checkpointing)
+                         gradient_checkpointing=config.train.gradient_checkpointing,
+                         cpu_bf16=computes_in_bf16(config.model, torch.device("cpu")))
     save_trained(trainer, tokenizer, model_config, job)
     return {**stats, "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1]}
 
