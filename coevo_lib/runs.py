@@ -3,7 +3,7 @@
 Layout (written before any compute)::
 
     <run>/config.yaml      resolved RunConfig
-    <run>/env.json         git sha, package versions, device, CPU model and torch kernel level
+    <run>/env.json         git sha, package versions, the lock's sha256, device, CPU model, torch kernel level
     <run>/protocol.json    the environment's benchmark protocol: splits, step limits, reward rule (expert stage)
     <run>/metrics.jsonl    one JSON record per finished stage (idempotent: a stage logs once)
     <run>/episodes/        rollouts and evaluation episodes (JSONL)
@@ -31,6 +31,7 @@ from typing import Any, Callable
 import yaml
 
 from coevo_lib.config import ConfigError, RunConfig, dump_config, from_dict
+from coevo_lib.lockfile import lock_record
 from coevo_lib.records import append_jsonl, read_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ def environment_info(config: RunConfig) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {name: package_version(name) for name in PACKAGES},
+        # the lock make setup installed (sha256 of locks/<extras>.txt) and where this environment differs from it
+        "lock": lock_record(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         # Runs repeated on another CPU differ by float rounding (other kernels): record which one ran.

@@ -100,3 +100,18 @@ def test_env_json_records_the_cpu_and_kernels_a_run_computed_on(tmp_path):
     if platform.system() == "Linux":
         assert env["cpu_model"] and env["cpu_model"] in Path("/proc/cpuinfo").read_text()
     assert env["packages"]["accelerate"]
+
+
+def test_env_json_records_the_lock_the_environment_was_installed_from(tmp_path):
+    """Which exact package set a run computed with: the sha256 of the lock make setup installed."""
+    import hashlib
+    import json
+
+    from coevo_lib.lockfile import installed_lock
+    from coevo_lib.runs import init_run_dir
+
+    lock = installed_lock()
+    assert lock is not None, "this environment was not installed by make setup (no coevo-lock.txt in the venv)"
+    env = json.loads(init_run_dir(RunConfig(runs_root=str(tmp_path)), tmp_path / "run").sub("env.json").read_text())
+    assert env["lock"]["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert env["lock"]["sha256"] in {hashlib.sha256(p.read_bytes()).hexdigest() for p in Path("locks").glob("*.txt")}
