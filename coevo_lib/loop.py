@@ -24,6 +24,8 @@ from coevo_lib.config import RunConfig, final_iteration
 from coevo_lib.envs import make_env
 from coevo_lib.envs.base import TextEnv
 from coevo_lib.evaluate import best_of_n_metrics, split_metrics
+from coevo_lib.methods.agent_r import agent_r_iteration
+from coevo_lib.methods.srlm import srlm_iteration
 from coevo_lib.model_store import provenance, resolve_model
 from coevo_lib.models import (computes_in_bf16, is_peft_checkpoint, load_model, load_tokenizer, local_or_hub,
                               save_agent, set_adapter_base)
@@ -429,4 +431,6 @@ ITERATIONS: dict[str, Callable[[Workbench, int], None]] = {
     "eto": eto_iteration,
     "coevo": coevo_iteration,
     "rft": rft_iteration,
+    "srlm": srlm_iteration,  # coevo_lib.methods.srlm
+    "agent_r": agent_r_iteration,  # coevo_lib.methods.agent_r
 }

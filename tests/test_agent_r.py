@@ -162,7 +162,7 @@ def test_first_error_walk_batches_steps_and_stops_at_the_first_bad():
         calls.append(len(prompts))
         return [f"Judgement: {verdicts[p[0]['content'].split('Current step:')[1].split()[1]]}" for p in prompts]
 
-    walks = find_first_errors("task", paths, judge)
+    walks = find_first_errors([("task", path) for path in paths], judge)
     assert [w.error_step for w in walks] == [2, None, 1]
     assert calls == [3, 2]  # step 1: all three; step 2: the two still walking; c is never judged
     assert "Steps so far:\nAction: a\nObservation: o-a\n" in verifier_messages("task", paths[0], 2)[0]["content"]

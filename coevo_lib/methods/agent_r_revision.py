@@ -84,19 +84,20 @@ class ErrorSearch:
     verdicts: list[Verdict] | None = None
 
 
-def find_first_errors(task: str, bad_paths: list[list[Node]],
+def find_first_errors(walked: list[tuple[str, list[Node]]],
                       judge: Callable[[list[list[dict[str, str]]]], list[str]]) -> list[ErrorSearch]:
-    """Walk every bad path step by step, one verifier call per step, all paths of a step in one batch;
-    a path stops at its first step not judged good or uncertain."""
-    walks = [ErrorSearch(path, verdicts=[]) for path in bad_paths]
+    """Walk every (task, bad path) step by step, one verifier call per step, all paths of a step in one
+    batch; a path stops at its first step not judged good or uncertain."""
+    walks = [ErrorSearch(path, verdicts=[]) for _, path in walked]
+    tasks = [task for task, _ in walked]
     step = 1
-    while active := [w for w in walks if w.error_step is None and step <= len(w.path)]:
-        replies = judge([verifier_messages(task, w.path, step) for w in active])
-        for walk, reply in zip(active, replies, strict=True):
+    while active := [i for i, w in enumerate(walks) if w.error_step is None and step <= len(w.path)]:
+        replies = judge([verifier_messages(tasks[i], walks[i].path, step) for i in active])
+        for i, reply in zip(active, replies, strict=True):
             verdict = parse_verdict(reply)
-            walk.verdicts.append(verdict)
+            walks[i].verdicts.append(verdict)
             if verdict.label == "bad":
-                walk.error_step = step
+                walks[i].error_step = step
         step += 1
     return walks
 

@@ -150,7 +150,7 @@ def judge_agreement(episodes: list[Episode], scores: dict[str, float | None]) ->
     pairs = srlm_pairs(episodes, scores)
     return {"judge_env_spearman": mean(correlations) if correlations else None,
             "judge_env_spearman_tasks": len(correlations),
-            "judge_best_is_env_best": mean(top_hits) if top_hits else None,
+            "judge_best_is_env_best": float(mean(top_hits)) if top_hits else None,
             "judge_tasks": len(top_hits),
-            "pairs_env_agree": mean(p.chosen_reward > p.rejected_reward for p in pairs) if pairs else None,
-            "pairs_env_tie": mean(p.chosen_reward == p.rejected_reward for p in pairs) if pairs else None}
+            "pairs_env_agree": float(mean(p.chosen_reward > p.rejected_reward for p in pairs)) if pairs else None,
+            "pairs_env_tie": float(mean(p.chosen_reward == p.rejected_reward for p in pairs)) if pairs else None}
