@@ -85,3 +85,22 @@ def test_conda_environment_installs_a_lock():
     assert Path(target) in SETUP_LOCKS
     assert "python=3.11" in environment["dependencies"]
     assert "--python-version 3.11" in Path("Makefile").read_text()
+
+
+def test_the_locks_satisfy_pyproject():
+    """A dependency added to pyproject.toml, or a range moved, without `make lock` fails here."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from coevo_lib.lockfile import normalized
+
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    extras = {path: path.stem.split("-") for path in SETUP_LOCKS}
+    for path, names in extras.items():
+        locked = read_lock(path)
+        wanted = project["dependencies"] + [r for name in names for r in project["optional-dependencies"][name]]
+        for requirement in map(Requirement, wanted):
+            version = locked.get(normalized(requirement.name))
+            assert version is not None, f"{path} does not pin {requirement.name} (run make lock)"
+            assert requirement.specifier.contains(version, prereleases=True), f"{path}: {requirement} vs {version}"
