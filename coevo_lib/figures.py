@@ -24,7 +24,8 @@ matplotlib.use("Agg")  # files only; must precede any pyplot import (there is no
 import pandas as pd  # noqa: E402
 
 from coevo_lib import plots  # noqa: E402
-from coevo_lib.analysis import boundary_views, hard_negatives, loading, paired, sensitivity, tables  # noqa: E402
+from coevo_lib.analysis import (baselines, boundary_views, hard_negatives, loading, paired, sensitivity,  # noqa: E402
+                                 tables)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Product:
     name: str
     description: str
     build: Callable[[Frames], object]  # -> matplotlib Figure or markdown text
-    needs: str = "runs"  # which data must exist: runs | boundary
+    needs: str = "runs"  # which data must exist: runs | boundary | baselines (srlm or agent_r runs)
 
 
 def md(frame: pd.DataFrame) -> str:
@@ -132,6 +133,20 @@ PRODUCTS = [
             lambda f: md(tables.compute_by_iteration(f.metrics))),
     Product("compute.png", "Compute per method (bars of compute_table.md).",
             lambda f: plots.compute_bars(tables.compute_table(f.metrics))),
+    Product("interaction_table.md", "Model calls and environment work per method and iteration (mean over seeds) "
+            "of the training-side stages: rollouts, SRLM's judge, Agent-R's search and verifier (revise); "
+            "generations, env steps, resets, tokens, wall time. Runs saved before these counts existed show -.",
+            lambda f: md(baselines.interaction_table(f.metrics))),
+    Product("judge_table.md", "SRLM's self-judge per run and iteration: parse rate of 'Score: n', share scored by "
+            "the expected-score fallback, Spearman with the env reward per task, how often the judge's best episode "
+            "is the env's best, and how many of its pairs the env reward agrees with.",
+            lambda f: md(baselines.judge_table(f.metrics)), "baselines"),
+    Product("verifier_table.md", "Agent-R per run and iteration: trees with a reward, pairs, revision and good "
+            "trajectories, the step verifier's parse rate, where it puts the first error (share at step 1).",
+            lambda f: md(baselines.verifier_table(f.metrics)), "baselines"),
+    Product("reflections.md", "Agent-R's agents at evaluation: share of episodes with a reflection turn "
+            "(Action: wait) and the success rate of those episodes.",
+            lambda f: md(baselines.reflection_table(f.runs)), "baselines"),
     Product("failure_reward_histograms.png", "Reward histograms of failed training rollouts per agent "
             "(method/agent) and iteration; dotted line = hard-negative cut 0.6.",
             lambda f: plots.failure_reward_histograms(hard_negatives.failure_reward_histogram(f.episodes))),
@@ -216,10 +231,11 @@ def build_group(name: str, runs: list[Path], out_dir: Path) -> list[Path]:
     """Every product of one group, then the group's README.md; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = Frames(runs)
-    has_boundary = not frames.boundary.empty
+    available = {"runs": True, "boundary": not frames.boundary.empty,
+                 "baselines": baselines.has_baseline_runs(frames.info)}
     written, skipped = [], []
     for product in PRODUCTS:
-        if product.needs == "boundary" and not has_boundary:
+        if not available[product.needs]:
             skipped.append(product)
             continue
         write_product(product, frames, out_dir)
@@ -235,8 +251,8 @@ def group_readme(name: str, info: pd.DataFrame, written: list[Path], skipped: li
     lines = [f"# Figures and tables: {name}", "", intro, "", runs, "## Files", ""]
     lines += [f"- [{p.name}]({p.name}): {described[p.name]}" for p in written]
     if skipped:
-        lines += ["", "Not drawn (no `analysis/boundary.jsonl` in these runs; run "
-                  "`coevo_lib.analysis.boundary.compute_boundaries` or notebook 30): "
+        lines += ["", "Not drawn (no `analysis/boundary.jsonl` in these runs, made by "
+                  "`coevo_lib.analysis.boundary.compute_boundaries` or notebook 30; or no srlm / agent_r runs): "
                   + ", ".join(p.name for p in skipped)]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-METHOD_ORDER = ("sft", "rft", "best_of_n", "eto", "eto_sft", "coevo", "coevo_frozen_failure", "positive_agent")
+METHOD_ORDER = ("sft", "rft", "best_of_n", "srlm", "agent_r", "eto", "eto_sft", "coevo", "coevo_frozen_failure",
+                "positive_agent")
 ABLATION_METHODS = ("coevo", "coevo_frozen_failure", "positive_agent")
 # Two-sided 95% Student-t critical values t(0.975, df) for df = 1..30 (standard tables).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
