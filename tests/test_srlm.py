@@ -96,3 +96,19 @@ def test_permuting_env_rewards_leaves_srlm_pairs_unchanged():
     assert [ep.reward for ep in original] != [ep.reward for ep in permuted]
     ids = lambda eps: [(p.chosen_episode_id, p.rejected_episode_id) for p in srlm_pairs(eps, judge_by_text(eps))]  # noqa: E731
     assert ids(original) == ids(permuted) and ids(original)
+
+
+def test_continuation_logps_equal_unpadded_scoring(tiny_model, tiny_tokenizer):
+    import torch
+
+    from coevo_lib.methods.srlm import continuation_logps
+
+    prompt = tiny_tokenizer.encode("Instruction: buy a red mug", add_special_tokens=False)
+    continuations = [tiny_tokenizer.encode(text, add_special_tokens=False) for text in ("Score: 3", "mug", "Score")]
+    assert len({len(c) for c in continuations}) > 1  # left padding is exercised
+    batched = continuation_logps(tiny_model, tiny_tokenizer.pad_token_id, prompt, continuations)
+    for continuation, value in zip(continuations, batched):
+        ids = torch.tensor([prompt + continuation])
+        logps = torch.log_softmax(tiny_model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        expected = sum(float(logps[len(prompt) - 1 + k, token]) for k, token in enumerate(continuation))
+        assert value == pytest.approx(expected, abs=1e-4)

@@ -93,7 +93,6 @@ class Judge:
             if parsed:
                 row.update(score=sum(parsed) / len(parsed), source="sample")
 
-    @torch.no_grad()
     def expected(self, prompt_ids: list[int]) -> float:
         """sum n p(n) over the six continuations "Score: n" of the judge prompt (one batched forward pass)."""
         tokenizer, model = self.generator.tokenizer, self.generator.model
@@ -111,6 +110,7 @@ class Judge:
                 "judge_forward_passes": self.forward_passes, "judge": self.config.judge}
 
 
+@torch.no_grad()
 def continuation_logps(model, pad_id: int, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
     """log p(continuation | prompt) for each continuation, left padded so every sequence ends together and
     only the last positions' logits are computed."""
