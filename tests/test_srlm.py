@@ -109,6 +109,7 @@ def test_continuation_logps_equal_unpadded_scoring(tiny_model, tiny_tokenizer):
     batched = continuation_logps(tiny_model, tiny_tokenizer.pad_token_id, prompt, continuations)
     for continuation, value in zip(continuations, batched):
         ids = torch.tensor([prompt + continuation])
-        logps = torch.log_softmax(tiny_model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        with torch.no_grad():
+            logps = torch.log_softmax(tiny_model(input_ids=ids).logits[0, :-1].float(), dim=-1)
         expected = sum(float(logps[len(prompt) - 1 + k, token]) for k, token in enumerate(continuation))
         assert value == pytest.approx(expected, abs=1e-4)
