@@ -82,6 +82,10 @@ study-results: setup ## the study behind figures/results/ (every method x 5 seed
 study-sensitivity: setup ## the lambda_SFT / pair-mix / failure-agent-loss sweep beside study-results (figures/results/sensitivity.*)
 	$(BIN)/coevo study configs/studies/sensitivity.yaml
 
+.PHONY: study-baselines
+study-baselines: setup ## SRLM and Agent-R beside sft / eto / eto_sft in study-results' runs (5 seeds; docs/baselines.md)
+	$(BIN)/coevo study configs/studies/baselines.yaml
+
 study-full: setup ## the fuller embedded study: every method x 3 seeds
 	$(BIN)/coevo study configs/studies/minishop.yaml
 
