@@ -20,11 +20,10 @@ from trl import DPOConfig, DPOTrainer
 
 from coevo_lib.config import DPOStageConfig, PromptConfig, TinyModelConfig
 from coevo_lib.envs import make_env
-from coevo_lib.rollout import expert_corpus
-from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.pairs import make_pair
-from coevo_lib.rollout import expert_episode, replay_episode
+from coevo_lib.rollout import expert_corpus, expert_episode, replay_episode
 from coevo_lib.seeding import quiet_libraries
+from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.train.common import run_quietly, trainer_kwargs
 from coevo_lib.train.dpo import build_dpo_trainer, pairs_dataset
 
@@ -38,9 +37,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def bench_pairs(n: int):
+def bench_pairs(n: int, prompt: PromptConfig | None = None):
     """Expert > a real failure: the next task's expert turns replayed on this task (wrong item or options)."""
-    env, prompt = make_env("minishop"), PromptConfig()
+    env, prompt = make_env("minishop"), prompt or PromptConfig()
     task_ids = env.task_ids("train")[: n + 1]
     pairs = []
     for task_id, other in zip(task_ids, task_ids[1:]):

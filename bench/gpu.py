@@ -40,9 +40,9 @@ from coevo_lib.config import (DPOStageConfig, LoraConfig, ModelConfig, RunConfig
                               TrainLaunchConfig)
 from coevo_lib.models import load_model, load_tokenizer, save_agent
 from coevo_lib.rollout import expert_corpus
-from coevo_lib.tiny_model import train_tiny_tokenizer
 from coevo_lib.runs import init_run_dir
 from coevo_lib.seeding import quiet_libraries
+from coevo_lib.tiny_model import train_tiny_tokenizer
 from coevo_lib.train import train_dpo, train_sft
 from coevo_lib.train.common import changed_share, parameters_snapshot
 from coevo_lib.train.launch import run_stage

@@ -37,10 +37,9 @@ import trl.trainer.utils as trl_utils
 
 from coevo_lib.config import DPOStageConfig, SFTStageConfig, load_config
 from coevo_lib.envs import make_env
-from coevo_lib.rollout import expert_corpus
-from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
-from coevo_lib.rollout import expert_episode
+from coevo_lib.rollout import expert_corpus, expert_episode
 from coevo_lib.seeding import quiet_libraries
+from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.train import common, dpo as coevo_dpo, sft as coevo_sft
 from coevo_lib.train.dpo import build_dpo_trainer, pairs_dataset
 from coevo_lib.train.sft import fit_sft, sft_features

@@ -6,6 +6,7 @@
 
 Rows, all on the same training tasks at the recipe's rollout.temperature, as in a training iteration:
   lockstep hf   today's path, batches of rollout.batch_size turn by turn: the baseline of "x lockstep"
+                (with --fp32-baseline a float32 lockstep row comes first and is the baseline)
   async hf cN   coevo_lib.engine with HFBatcher (dynamic batching), N = --hf-concurrency
   vllm[V] cN    RolloutService(backend=vllm): coevo starts the server of variant V (extra vLLM arguments
                 and environment) once, then rolls out with N episodes in flight for each --concurrency
@@ -69,6 +70,9 @@ def parse_args() -> argparse.Namespace:
                              "environment\n(repeatable; default: default=)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads of the hf rows")
     parser.add_argument("--skip-vllm", action="store_true", help="hf rows only")
+    parser.add_argument("--fp32-baseline", action="store_true",
+                        help="first a lockstep hf row with float32 weights, the baseline of every ratio (for a "
+                             "recipe that generates in bf16: model.cpu_bf16)")
     parser.add_argument("--log-dir", default=None, help="vLLM server logs (default: a new temp dir)")
     parser.add_argument("--out", default=None, help="also write the tables as JSON here")
     return parser.parse_args()
@@ -151,14 +155,25 @@ def empty_prefix_cache(base_url: str) -> None:
         raise VLLMServerError(f"{base_url} did not empty its prefix cache")
 
 
+def fp32_lockstep_row(bench: Bench) -> dict:
+    """Lockstep hf with float32 weights: the baseline of a recipe that generates in bf16 (model.cpu_bf16)."""
+    config, temperature = bench.config, bench.config.rollout.temperature
+    model = load_model(bench.checkpoint, replace(config.model, cpu_bf16=False, dtype="float32")).eval()
+    generator = HFGenerator(model, load_tokenizer(bench.checkpoint), config.rollout, config.prompt.max_prompt_tokens)
+    lockstep(bench, generator, bench.warmup, temperature, "warmup")
+    episodes, wall_s = lockstep(bench, generator, bench.train, temperature, "train")
+    return row("lockstep hf float32", episodes, wall_s, batch=config.rollout.batch_size)
+
+
 def hf_rows(bench: Bench, concurrency: int) -> tuple[list[dict], dict[str, list[Episode]]]:
     """Lockstep and async hf rows, and each path's greedy held-out episodes."""
     config, temperature = bench.config, bench.config.rollout.temperature
-    generator = HFGenerator(load_model(bench.checkpoint, config.model).eval(), load_tokenizer(bench.checkpoint),
-                            config.rollout, config.prompt.max_prompt_tokens)
+    model = load_model(bench.checkpoint, config.model).eval()
+    generator = HFGenerator(model, load_tokenizer(bench.checkpoint), config.rollout, config.prompt.max_prompt_tokens)
     lockstep(bench, generator, bench.warmup, temperature, "warmup")
     episodes, wall_s = lockstep(bench, generator, bench.train, temperature, "train")
-    rows = [row("lockstep hf", episodes, wall_s, batch=config.rollout.batch_size)]
+    dtype = str(model.dtype).removeprefix("torch.")
+    rows = [row(f"lockstep hf {dtype}", episodes, wall_s, batch=config.rollout.batch_size)]
     greedy = {"lockstep hf": lockstep(bench, generator, bench.held_out, 0.0, "greedy")[0]}
     service = RolloutService(with_rollout(config, backend="hf", schedule="async", max_concurrent=concurrency),
                              bench.log_dir / "hf")
@@ -365,6 +380,8 @@ def main() -> None:
     print(f"load average {loads['before']}; torch threads {torch.get_num_threads()}; tasks {len(bench.train)}; "
           f"temperature {bench.config.rollout.temperature}; logs {bench.log_dir}")
     rows, greedy = hf_rows(bench, args.hf_concurrency)
+    if args.fp32_baseline:
+        rows.insert(0, fp32_lockstep_row(bench))
     failed: list[dict[str, str]] = []
     if vllm_available(args.skip_vllm):
         rows += all_variant_rows(bench, [Variant.parse(v) for v in args.variants or ["default="]], args.concurrency,

@@ -26,9 +26,9 @@ import torch
 from coevo_lib.config import DPOStageConfig, ModelConfig, RunConfig, SFTStageConfig, TinyModelConfig, TrainLaunchConfig
 from coevo_lib.models import save_agent
 from coevo_lib.rollout import expert_corpus
-from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.runs import init_run_dir
 from coevo_lib.seeding import quiet_libraries
+from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.train.launch import run_stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

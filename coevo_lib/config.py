@@ -269,19 +269,28 @@ class TrainerStageConfig:
     max_length: int = 2048
 
     def __post_init__(self) -> None:
-        require_positive(self, "epochs", "learning_rate", "batch_size", "grad_accum", "max_length")
+        self.check_epochs()
+        require_positive(self, "learning_rate", "batch_size", "grad_accum", "max_length")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         require_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
 
+    def check_epochs(self) -> None:
+        require_positive(self, "epochs")
+
 
 @dataclass
 class SFTStageConfig(TrainerStageConfig):
+    """The SFT stage; ``epochs: 0`` evaluates the base model as it is (a pretrained model zero-shot)."""
+
     share: bool = field(
         default=True,
         metadata={"help": "reuse an identical SFT stage (same env, model, prompt, sft settings and seed) from "
                           "<parent of the run dir>/_shared instead of retraining it for every method"},
     )
+
+    def check_epochs(self) -> None:
+        require(self.epochs >= 0, "epochs", self.epochs, ">= 0 (0: no SFT, the base model zero-shot)")
 
 
 @dataclass

@@ -168,6 +168,10 @@ class Workbench:
         stats: dict[str, Any] = {}
 
         def build(tmp: Path) -> None:
+            if self.config.sft.epochs == 0:  # zero-shot: the base as a checkpoint (a fresh, inert LoRA adapter)
+                save_agent(load_model(base, self.config.model, trainable=True), load_tokenizer(base), tmp)
+                stats.update({"examples": len(episodes), "steps": 0, "tokens_trained": 0, "train_loss": None})
+                return
             if self.launched():
                 stats.update(self.launch_training("sft", name, base, episodes, "sft", self.config.seed, tmp))
                 return

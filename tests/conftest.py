@@ -7,8 +7,8 @@ import os
 import pytest
 
 from coevo_lib.config import TinyModelConfig
-from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 from coevo_lib.records import Episode, Pair
+from coevo_lib.tiny_model import build_tiny_model, train_tiny_tokenizer
 
 SYSTEM = {"role": "system", "content": "You shop. Answer with Thought and Action."}
 

@@ -12,8 +12,8 @@ import torch
 
 from coevo_lib.config import DPOStageConfig, LoraConfig, ModelConfig, RolloutConfig, SFTStageConfig, TinyModelConfig
 from coevo_lib.models import is_peft_checkpoint, load_model, load_tokenizer, save_agent, save_merged
-from coevo_lib.tiny_model import build_tiny_model
 from coevo_lib.rollout import HFGenerator
+from coevo_lib.tiny_model import build_tiny_model
 from coevo_lib.train import train_dpo, train_sft
 from coevo_lib.train.common import changed_parameters, changed_share, parameters_snapshot
 

@@ -18,7 +18,6 @@ import torch
 
 from coevo_lib.config import LoraConfig, TinyModelConfig
 from coevo_lib.models import wrap_lora
-from coevo_lib.tiny_model import build_tiny_model
 from coevo_lib.serving import (
     VLLMServer,
     VLLMServerError,
@@ -27,6 +26,7 @@ from coevo_lib.serving import (
     served_lora_rank,
     vllm_python,
 )
+from coevo_lib.tiny_model import build_tiny_model
 
 # head_dim = 64 / 2 = 32: vLLM's CPU attention rejects the tiny model's usual head sizes (24).
 SERVED_TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,

@@ -1,0 +1,206 @@
+"""Training throughput of a real pretrained model on CPU per precision, in one process, against float32.
+
+    python bench/pretrained.py [--model smollm2-135m-instruct] [--experts 32] [--pairs 16] [--threads 2]
+
+SFT runs coevo's fit_sft on minishop expert trajectories in configs/smollm2/base.yaml's format (system
+prompt, position-numbered items), batch 8, one epoch; DPO runs coevo's masked DPO (lambda 0.5 + SFT 0.5,
+reference log-probs precomputed) on bench/dpo.py's expert > replayed-failure pairs. Variants:
+- fp32: float32 weights and compute (what coevo did on CPU before model.cpu_bf16): the baseline;
+- bf16: bf16 autocast over float32 master weights (model.cpu_bf16 on a CPU with AMX / AVX512-BF16);
+- lora-bf16: a rank-16 LoRA adapter on q/k/v/o over a frozen bf16 base, under the same autocast.
+Each row: seconds per optimizer step (the first step, warm-up, left out), tokens/s, the ratio to fp32 and
+the mean loss of the steps. MFU is the model FLOPs per second (6 x non-embedding parameters x tokens,
+plus 6 x hidden x vocabulary per labelled token for trl's compact LM head; LoRA rows count the same
+model FLOPs) over this machine's bf16 matmul peak, measured first with torch.mm (and float32's too).
+The load average is printed: other work on the machine moves these timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from coevo_lib.config import DPOStageConfig, LoraConfig, PromptConfig, SFTStageConfig, load_config
+from coevo_lib.envs import make_env
+from coevo_lib.model_store import resolve_model
+from coevo_lib.models import cpu_has_native_bf16, load_model, load_tokenizer
+from coevo_lib.rollout import expert_episode
+from coevo_lib.seeding import quiet_libraries
+from coevo_lib.train.common import step_losses
+from coevo_lib.train.dpo import fit_dpo, pairs_dataset
+from coevo_lib.train.sft import fit_sft, sft_features
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dpo import bench_pairs  # noqa: E402  (expert > replayed-failure pairs)
+
+VARIANTS = ("fp32", "bf16", "lora-bf16")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--recipe", default="configs/smollm2/base.yaml")
+    parser.add_argument("--model", default=None, help="default: the recipe's model.name_or_path")
+    parser.add_argument("--experts", type=int, default=32, help="SFT examples (batches of 8)")
+    parser.add_argument("--pairs", type=int, default=16, help="DPO pairs (batches of 8); 0: no DPO rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="fp32 always runs: it is the baseline")
+    return parser.parse_args()
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a square torch.mm in ``dtype`` (best of ``repeats``): the ceiling MFU is measured against."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best = min(timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def model_config(base, variant: str):
+    if variant == "fp32":
+        return replace(base, cpu_bf16=False, dtype="auto", lora=replace(base.lora, enabled=False))
+    lora = LoraConfig(enabled=True, r=16, alpha=32) if variant == "lora-bf16" else replace(base.lora, enabled=False)
+    return replace(base, cpu_bf16=True, lora=lora)
+
+
+def stamp_steps(trainer) -> None:
+    from transformers import TrainerCallback
+
+    trainer.step_stamps = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trainer.step_stamps.append(time.perf_counter())
+
+    trainer.add_callback(Stamp())
+
+
+def model_flops(model, tokens: int, labelled: int) -> float:
+    config = model.config
+    embedding = config.vocab_size * config.hidden_size
+    dense = sum(p.numel() for p in model.parameters()) - embedding  # tied head: counted once, as embedding
+    if hasattr(model, "peft_config"):  # LoRA rows count the model's FLOPs, not the adapter's
+        dense -= sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return 6.0 * dense * tokens + 6.0 * config.hidden_size * config.vocab_size * labelled
+
+
+def run_variant(kind: str, variant: str, path: str, base_config, data, tokens: int, labelled: int,
+                out: Path) -> dict:
+    config = model_config(base_config, variant)
+    model, tokenizer = load_model(path, config, trainable=True), load_tokenizer(path)
+    bf16, captured = variant != "fp32", {}
+    if kind == "sft":
+        stage = SFTStageConfig(epochs=1, batch_size=8, learning_rate=1e-4, warmup_ratio=0.0)
+        trainer, stats = fit_sft_timed(model, tokenizer, data, stage, out, bf16, captured)
+    else:
+        stage = DPOStageConfig(epochs=1, batch_size=8, learning_rate=1e-6, warmup_ratio=0.0)
+        trainer, stats = fit_dpo_timed(model, tokenizer, data, stage, out, bf16, captured)
+    steps = captured["step_times"]
+    per_step = statistics.mean(steps[1:]) if len(steps) > 1 else steps[0]  # the first step warms up
+    n_steps = len(steps)
+    return {"stage": kind, "variant": variant, "s_per_step": per_step, "steps": n_steps,
+            "tokens_per_s": tokens / n_steps / per_step, "flops_per_s": model_flops(model, tokens, labelled)
+            / n_steps / per_step, "loss": statistics.mean(step_losses(trainer)), "wall_s": stats["wall_s"]}
+
+
+def fit_sft_timed(model, tokenizer, data, stage, out, bf16, captured):
+    from coevo_lib.train import sft as coevo_sft
+    return with_timed_train(coevo_sft, lambda: fit_sft(model, tokenizer, data, stage, out, 0,
+                                                        gradient_checkpointing=False, cpu_bf16=bf16), captured)
+
+
+def fit_dpo_timed(model, tokenizer, data, stage, out, bf16, captured):
+    from coevo_lib.train import dpo as coevo_dpo
+    return with_timed_train(coevo_dpo, lambda: fit_dpo(model, tokenizer, data, stage, out, 0,
+                                                        gradient_checkpointing=False, cpu_bf16=bf16), captured)
+
+
+def with_timed_train(module, fit, captured):
+    """Run ``fit`` with the module's run_quietly replaced by one that also stamps every step."""
+    original = module.run_quietly
+
+    def run(trainer):
+        stamp_steps(trainer)
+        start = time.perf_counter()
+        output = original(trainer)
+        stamps = [start, *trainer.step_stamps]
+        captured["step_times"] = [b - a for a, b in zip(stamps, stamps[1:])]
+        return output
+
+    module.run_quietly = run
+    try:
+        return fit()
+    finally:
+        module.run_quietly = original
+
+
+def sft_data(config, tokenizer, n: int):
+    env = make_env(config.env.name, **config.env.kwargs)
+    episodes = [expert_episode(env, t, "train", config.prompt) for t in env.task_ids("train")[:n]]
+    return sft_features(tokenizer, episodes, 2048)
+
+
+def dpo_data(tokenizer, n: int):
+    _, _, pairs = bench_pairs(n, PromptConfig(system_prompt=True))
+    return pairs_dataset(tokenizer, pairs)
+
+
+def sizes(kind: str, data) -> tuple[int, int]:
+    if kind == "sft":
+        return sum(len(ids) for ids in data["input_ids"]), sum(sum(m) for m in data["assistant_masks"])
+    tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data)
+    labelled = sum(sum(r["chosen_mask"]) + sum(r["rejected_mask"]) for r in data)
+    return tokens, labelled
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config(args.recipe)
+    path = resolve_model(args.model or config.model.name_or_path)
+    print(f"model {path}; torch threads {torch.get_num_threads()}; native bf16 {cpu_has_native_bf16()}; "
+          f"load average {load_average()}")
+    peak = {str(d).removeprefix("torch."): matmul_peak(d) for d in (torch.float32, torch.bfloat16)}
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
+    tokenizer = load_tokenizer(path)
+    datasets = {"sft": sft_data(config, tokenizer, args.experts)}
+    if args.pairs:
+        datasets["dpo"] = dpo_data(tokenizer, args.pairs)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, data in datasets.items():
+            tokens, labelled = sizes(kind, data)
+            for variant in ["fp32", *(v for v in args.variants if v != "fp32")]:
+                rows.append(run_variant(kind, variant, path, config.model, data, tokens, labelled,
+                                        Path(tmp) / f"{kind}-{variant}"))
+    print(f"\n{'stage':<6}{'variant':<11}{'s/step':>8}{'steps':>6}{'tok/s':>8}{'x fp32':>8}{'MFU bf16':>10}"
+          f"{'loss':>9}")
+    for r in rows:
+        base = next(b for b in rows if b["stage"] == r["stage"] and b["variant"] == "fp32")
+        print(f"{r['stage']:<6}{r['variant']:<11}{r['s_per_step']:>8.2f}{r['steps']:>6}{r['tokens_per_s']:>8.0f}"
+              f"{base['s_per_step'] / r['s_per_step']:>8.2f}{r['flops_per_s'] / peak['bfloat16']:>10.1%}"
+              f"{r['loss']:>9.4f}")
+    print(f"\nload average after {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
