@@ -64,6 +64,8 @@ def test_results_and_sensitivity_studies_agree_on_their_shared_settings():
     # The sweep pairs its variants with the results study's runs in the same runs_root: same sizes, same SFT.
     results, sweep = load_study("configs/studies/results.yaml"), load_study("configs/studies/sensitivity.yaml")
     assert results.runs_root == sweep.runs_root and results.overrides == sweep.overrides
+    baselines = load_study("configs/studies/baselines.yaml")  # SRLM and Agent-R, paired with the same runs
+    assert results.runs_root == baselines.runs_root and results.overrides == baselines.overrides
     assert len(results.seeds) >= 5 and results.overrides["rollout.samples_per_task"] > 1
 
 
