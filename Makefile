@@ -50,7 +50,7 @@ endif
 	$(BIN)/python -m ipykernel install --sys-prefix --name coevo --display-name "coevo (.venv)" >/dev/null
 	touch $@
 
-setup: $(STAMP) java data git-filter ## create .venv, install coevo, check Java, build the offline SQL data, strip notebooks on commit
+setup: $(STAMP) java data git-filter ## create .venv from its lock in locks/ (exact versions, hashes) with coevo, check Java, build the offline SQL data, strip notebooks on commit
 
 java: ## make sure a Java >= 11 runtime exists (ScienceWorld), installing OpenJDK 17 if needed
 	bash scripts/ensure_java.sh
