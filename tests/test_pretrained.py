@@ -253,7 +253,8 @@ def test_an_episode_that_outgrows_the_context_ends_as_context_limit(model_dir):
 def test_smollm2_sft_and_greedy_evaluation_produce_replies_that_parse(smollm2, tmp_path):
     run_dir = tmp_path / "smol"
     args = [sys.executable, "-m", "coevo_lib.cli", "run", "configs/smollm2/sft.yaml", "--run-dir", str(run_dir)]
-    for item in ("env.kwargs.n_train=16", "eval.max_tasks=4", "rollout.max_new_tokens=48"):
+    for item in ("env.kwargs.n_train=16", "env.kwargs.max_steps=6", "eval.max_tasks=4", "rollout.max_new_tokens=40",
+                 "rollout.backend=hf"):
         args += ["--set", item]
     completed = subprocess.run(args, capture_output=True, text=True, timeout=1200)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -266,3 +267,18 @@ def test_smollm2_sft_and_greedy_evaluation_produce_replies_that_parse(smollm2, t
     assert len(episodes) == 8 and replies
     parsed = [r for r in replies if "Action:" in r and parse_action(r).startswith(("search[", "click["))]
     assert len(parsed) / len(replies) >= 0.75, replies[:5]
+
+
+def test_sft_epochs_0_evaluates_the_base_model_as_it_is(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "zero-shot"
+    args = [sys.executable, "-m", "coevo_lib.cli", "run", "configs/minishop/sft.yaml", "--run-dir", str(run_dir),
+            "--set", f"model.name_or_path={model_dir}", "--set", "sft.epochs=0", "--set", "eval.max_tasks=2",
+            "--set", "rollout.max_new_tokens=16", "--set", "sft.share=false"]
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    stages = {row["stage"]: row for row in read_jsonl(run_dir / "metrics.jsonl")}
+    assert stages["sft"]["steps"] == 0 and "test_seen_reward" in stages["it0-eval"]
+    base, sft = load_file(model_dir / "model.safetensors"), load_file(run_dir / "checkpoints/sft/model.safetensors")
+    assert base.keys() == sft.keys() and all(base[k].equal(sft[k]) for k in base)
