@@ -94,8 +94,11 @@ def test_permuting_env_rewards_leaves_srlm_pairs_unchanged():
     original = episodes_with(rewards)
     permuted = episodes_with(rng.sample(rewards, len(rewards)))
     assert [ep.reward for ep in original] != [ep.reward for ep in permuted]
-    ids = lambda eps: [(p.chosen_episode_id, p.rejected_episode_id) for p in srlm_pairs(eps, judge_by_text(eps))]  # noqa: E731
-    assert ids(original) == ids(permuted) and ids(original)
+    assert pair_ids(original) == pair_ids(permuted) and pair_ids(original)
+
+
+def pair_ids(episodes):
+    return [(p.chosen_episode_id, p.rejected_episode_id) for p in srlm_pairs(episodes, judge_by_text(episodes))]
 
 
 def test_continuation_logps_equal_unpadded_scoring(tiny_model, tiny_tokenizer):
