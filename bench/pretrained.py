@@ -104,10 +104,9 @@ def run_variant(kind: str, variant: str, path: str, base_config, data, tokens: i
     bf16, captured = variant != "fp32", {}
     if kind == "sft":
         stage = SFTStageConfig(epochs=1, batch_size=8, learning_rate=1e-4, warmup_ratio=0.0)
-        trainer, stats = fit_sft_timed(model, tokenizer, data, stage, out, bf16, captured)
     else:
         stage = DPOStageConfig(epochs=1, batch_size=8, learning_rate=1e-6, warmup_ratio=0.0)
-        trainer, stats = fit_dpo_timed(model, tokenizer, data, stage, out, bf16, captured)
+    trainer, stats = fit_timed(kind, model, tokenizer, data, stage, out, bf16, captured)
     steps = captured["step_times"]
     per_step = statistics.mean(steps[1:]) if len(steps) > 1 else steps[0]  # the first step warms up
     n_steps = len(steps)
@@ -116,16 +115,11 @@ def run_variant(kind: str, variant: str, path: str, base_config, data, tokens: i
             / n_steps / per_step, "loss": statistics.mean(step_losses(trainer)), "wall_s": stats["wall_s"]}
 
 
-def fit_sft_timed(model, tokenizer, data, stage, out, bf16, captured):
-    from coevo_lib.train import sft as coevo_sft
-    return with_timed_train(coevo_sft, lambda: fit_sft(model, tokenizer, data, stage, out, 0,
-                                                        gradient_checkpointing=False, cpu_bf16=bf16), captured)
-
-
-def fit_dpo_timed(model, tokenizer, data, stage, out, bf16, captured):
-    from coevo_lib.train import dpo as coevo_dpo
-    return with_timed_train(coevo_dpo, lambda: fit_dpo(model, tokenizer, data, stage, out, 0,
-                                                        gradient_checkpointing=False, cpu_bf16=bf16), captured)
+def fit_timed(kind: str, model, tokenizer, data, stage, out, bf16, captured):
+    from coevo_lib.train import dpo as coevo_dpo, sft as coevo_sft
+    module, fit = (coevo_sft, fit_sft) if kind == "sft" else (coevo_dpo, fit_dpo)
+    return with_timed_train(module, lambda: fit(model, tokenizer, data, stage, out, 0, gradient_checkpointing=False,
+                                                cpu_bf16=bf16), captured)
 
 
 def with_timed_train(module, fit, captured):

@@ -11,6 +11,7 @@ goes on from an adapter by training that same adapter further.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -28,6 +29,7 @@ def resolve_device(config: ModelConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.cache  # read once per process: every training stage and model load asks
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16): without it, bf16 is emulated and slower
     than float32, so ``model.cpu_bf16`` falls back to float32 (machines here vary: some are AMD EPYCs)."""
