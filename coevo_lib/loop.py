@@ -33,7 +33,7 @@ from coevo_lib.pairs import eto_pairs, expert_pairs, failure_pairs, target_pairs
 from coevo_lib.records import Episode, Pair, read_episodes, read_pairs, write_json_atomic, write_jsonl_atomic
 from coevo_lib.rollout import HFGenerator, TaskRef, expand_tasks, expert_corpus, expert_episode, rollout
 from coevo_lib.rollout_service import RolloutService
-from coevo_lib.runs import RunDir, atomic_dir
+from coevo_lib.runs import RunDir, atomic_dir, link_tree
 from coevo_lib.tiny_model import create_tiny_agent
 from coevo_lib.train import train_dpo, train_sft
 from coevo_lib.train.launch import run_stage, section_config
@@ -158,7 +158,7 @@ class Workbench:
         return {**stats, "checkpoint": str(self.run_dir.checkpoint("sft")), "shared_sft": str(shared), "reused": True}
 
     def copy_shared_sft(self, shared: Path, out: Path) -> None:
-        shutil.copytree(shared, out)
+        link_tree(shared, out)
         if is_peft_checkpoint(out):  # on this run's base, equal to the one it was trained on (same shared key)
             set_adapter_base(out, self.run_dir.stage_result("base")["checkpoint"])
 
@@ -194,7 +194,7 @@ class Workbench:
                         out: Path) -> dict[str, Any]:
         """Train ``examples`` from ``start`` into ``out`` as a launched stage (coevo_lib.train.launch)."""
         if not examples:  # nothing to train on: the checkpoint is the start, as train_dpo returns it
-            shutil.copytree(start, out)
+            link_tree(Path(start), out)
             return {"pairs": 0, "steps": 0, "tokens_trained": 0, "wall_s": 0.0, "train_loss": None}
         job = {"kind": kind, "run_dir": str(self.run_dir.path.resolve()), "stage_section": section,
                "start": str(Path(start).resolve()), "seed": seed, "out": str(out.resolve()),
@@ -359,7 +359,7 @@ def publish_rollout(episodes: Path, engine: dict[str, Any], shared: Path) -> Non
 
 
 def copy_checkpoint(source: Path, target: Path, stats: dict[str, Any]) -> None:
-    shutil.copytree(source, target / "checkpoint")
+    link_tree(source, target / "checkpoint")
     (target / "result.json").write_text(json.dumps({k: v for k, v in stats.items() if k != "checkpoint"}))
 
 

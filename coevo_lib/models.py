@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -123,7 +124,10 @@ def set_adapter_base(path: str | Path, base: str | Path) -> None:
     config_file = Path(path) / "adapter_config.json"
     adapter_config = json.loads(config_file.read_text())
     adapter_config["base_model_name_or_path"] = local_or_hub(base)
-    config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    # Replaced, not rewritten: the file may be a hard link shared with another run's checkpoint (link_tree).
+    tmp = config_file.with_name(config_file.name + ".tmp")
+    tmp.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    os.replace(tmp, config_file)
 
 
 def local_or_hub(name_or_path: str | Path) -> str:

@@ -203,6 +203,20 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def link_tree(source: Path, target: Path) -> None:
+    """Copy a checkpoint directory as hard links, falling back to copies across file systems.
+
+    A study's runs start from the same shared SFT model (517 MB for SmolLM2 in float32); linking keeps one
+    copy on disk. Safe because checkpoint files are never written in place: a stage builds a new directory
+    (atomic_dir) and set_adapter_base replaces the adapter config rather than rewriting it.
+    """
+    try:
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:  # another file system (EXDEV) or links not allowed: plain copies
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+
+
 def atomic_dir(final: Path, build: Callable[[Path], None]) -> None:
     """Build a directory under a temp name and rename it into place, so a checkpoint is whole or absent."""
     tmp = final.with_name(final.name + ".tmp")

@@ -58,6 +58,27 @@ def test_methods_of_a_seed_share_the_sft_evaluation_and_first_rollout(tmp_path):
     evals = [row["stage"] for row in coevo if row.get("kind") == "eval"]
     assert evals == ["it0-eval", "it2-eval"]
 
+    # The shared SFT model is on disk once: both runs' copies are hard links to the shared one.
+    weights = [root / "checkpoints" / "sft" / "model.safetensors" for root in (tmp_path / "eto", tmp_path / "coevo")]
+    shared = next((tmp_path / "_shared").glob("sft-*/checkpoint/model.safetensors"))
+    assert len({path.stat().st_ino for path in [*weights, shared]}) == 1 and shared.stat().st_nlink == 3
+
+
+def test_linked_checkpoints_stay_independent_when_an_adapter_is_rebased(tmp_path):
+    from coevo_lib.models import set_adapter_base
+    from coevo_lib.runs import link_tree
+
+    source = tmp_path / "shared"
+    source.mkdir()
+    (source / "adapter_config.json").write_text('{"base_model_name_or_path": "/old/base"}')
+    (source / "adapter_model.safetensors").write_bytes(b"weights")
+    link_tree(source, tmp_path / "run")
+    assert (tmp_path / "run" / "adapter_model.safetensors").stat().st_ino == \
+        (source / "adapter_model.safetensors").stat().st_ino
+    set_adapter_base(tmp_path / "run", tmp_path)
+    assert "/old/base" in (source / "adapter_config.json").read_text()  # the shared file is untouched
+    assert str(tmp_path) in (tmp_path / "run" / "adapter_config.json").read_text()
+
 
 def test_a_rollout_with_other_settings_is_not_reused(tmp_path):
     run("eto", tmp_path / "a")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 from statistics import mean
@@ -29,7 +28,7 @@ from coevo_lib.models import load_model, load_tokenizer, save_agent
 from coevo_lib.prompting import initial_messages
 from coevo_lib.records import Episode, append_jsonl, read_episodes, read_jsonl, write_jsonl_atomic
 from coevo_lib.rollout import HFGenerator, chunk_seed
-from coevo_lib.runs import atomic_dir
+from coevo_lib.runs import atomic_dir, link_tree
 from coevo_lib.train import train_sft
 
 if TYPE_CHECKING:
@@ -232,7 +231,7 @@ def train_stage(bench: Workbench, iteration: int) -> dict[str, Any]:
 
     def build(tmp: Path) -> None:
         if not examples:
-            shutil.copytree(start, tmp)
+            link_tree(Path(start), tmp)
         elif bench.launched():
             stats.update(bench.launch_training("sft", name, start, examples, "agent_r.sft",
                                                bench.config.seed + iteration, tmp))
