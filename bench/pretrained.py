@@ -3,8 +3,9 @@
     python bench/pretrained.py [--model smollm2-135m-instruct] [--experts 32] [--pairs 16] [--threads 2]
 
 SFT runs coevo's fit_sft on minishop expert trajectories in configs/smollm2/base.yaml's format (system
-prompt, position-numbered items), batch 8, one epoch; DPO runs coevo's masked DPO (lambda 0.5 + SFT 0.5,
-reference log-probs precomputed) on bench/dpo.py's expert > replayed-failure pairs. Variants:
+prompt, position-numbered items), one epoch, with the recipe's batch size and gradient accumulation; DPO runs
+coevo's masked DPO (lambda 0.5 + SFT 0.5, reference log-probs precomputed) on bench/dpo.py's expert >
+replayed-failure pairs, batched like the recipe's dpo stage. Variants:
 - fp32: float32 weights and compute (what coevo did on CPU before model.cpu_bf16): the baseline;
 - bf16: bf16 autocast over float32 master weights (model.cpu_bf16 on a CPU with AMX / AVX512-BF16);
 - lora-bf16: a rank-16 LoRA adapter on q/k/v/o over a frozen bf16 base, under the same autocast.
@@ -12,6 +13,8 @@ Each row: seconds per optimizer step (the first step, warm-up, left out), tokens
 the mean loss of the steps. MFU is the model FLOPs per second (6 x non-embedding parameters x tokens,
 plus 6 x hidden x vocabulary per labelled token for trl's compact LM head; LoRA rows count the same
 model FLOPs) over this machine's bf16 matmul peak, measured first with torch.mm (and float32's too).
+Peak RSS is the process's high-water mark during the row (reset before it through /proc/self/clear_refs):
+full fine-tuning keeps every layer's activations, and the micro-batch is what bounds them.
 The load average is printed: other work on the machine moves these timings.
 """
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from coevo_lib.config import DPOStageConfig, LoraConfig, PromptConfig, SFTStageConfig, load_config
+from coevo_lib.config import LoraConfig, PromptConfig, load_config
 from coevo_lib.envs import make_env
 from coevo_lib.model_store import resolve_model
 from coevo_lib.models import cpu_has_native_bf16, load_model, load_tokenizer
@@ -47,8 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--recipe", default="configs/smollm2/base.yaml")
     parser.add_argument("--model", default=None, help="default: the recipe's model.name_or_path")
-    parser.add_argument("--experts", type=int, default=32, help="SFT examples (batches of 8)")
-    parser.add_argument("--pairs", type=int, default=16, help="DPO pairs (batches of 8); 0: no DPO rows")
+    parser.add_argument("--experts", type=int, default=32, help="SFT examples")
+    parser.add_argument("--pairs", type=int, default=16, help="DPO pairs; 0: no DPO rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="fp32 always runs: it is the baseline")
@@ -97,22 +100,30 @@ def model_flops(model, tokens: int, labelled: int) -> float:
     return 6.0 * dense * tokens + 6.0 * config.hidden_size * config.vocab_size * labelled
 
 
-def run_variant(kind: str, variant: str, path: str, base_config, data, tokens: int, labelled: int,
+def run_variant(kind: str, variant: str, path: str, base_config, stage, data, tokens: int, labelled: int,
                 out: Path) -> dict:
     config = model_config(base_config, variant)
     model, tokenizer = load_model(path, config, trainable=True), load_tokenizer(path)
     bf16, captured = variant != "fp32", {}
-    if kind == "sft":
-        stage = SFTStageConfig(epochs=1, batch_size=8, learning_rate=1e-4, warmup_ratio=0.0)
-    else:
-        stage = DPOStageConfig(epochs=1, batch_size=8, learning_rate=1e-6, warmup_ratio=0.0)
+    stage = replace(stage, epochs=1, warmup_ratio=0.0)
+    reset_peak_rss()
     trainer, stats = fit_timed(kind, model, tokenizer, data, stage, out, bf16, captured)
     steps = captured["step_times"]
     per_step = statistics.mean(steps[1:]) if len(steps) > 1 else steps[0]  # the first step warms up
     n_steps = len(steps)
     return {"stage": kind, "variant": variant, "s_per_step": per_step, "steps": n_steps,
             "tokens_per_s": tokens / n_steps / per_step, "flops_per_s": model_flops(model, tokens, labelled)
-            / n_steps / per_step, "loss": statistics.mean(step_losses(trainer)), "wall_s": stats["wall_s"]}
+            / n_steps / per_step, "loss": statistics.mean(step_losses(trainer)), "wall_s": stats["wall_s"],
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := the current RSS
+
+
+def peak_rss_gb() -> float:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024 ** 2
 
 
 def fit_timed(kind: str, model, tokenizer, data, stage, out, bf16, captured):
@@ -179,20 +190,23 @@ def main() -> None:
     datasets = {"sft": sft_data(config, tokenizer, args.experts)}
     if args.pairs:
         datasets["dpo"] = dpo_data(tokenizer, args.pairs)
+    stages = {"sft": config.sft, "dpo": config.dpo}
+    print("batches (micro-batch x accumulation): " + ", ".join(
+        f"{kind} {stages[kind].batch_size} x {stages[kind].grad_accum}" for kind in datasets))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind, data in datasets.items():
             tokens, labelled = sizes(kind, data)
             for variant in ["fp32", *(v for v in args.variants if v != "fp32")]:
-                rows.append(run_variant(kind, variant, path, config.model, data, tokens, labelled,
+                rows.append(run_variant(kind, variant, path, config.model, stages[kind], data, tokens, labelled,
                                         Path(tmp) / f"{kind}-{variant}"))
     print(f"\n{'stage':<6}{'variant':<11}{'s/step':>8}{'steps':>6}{'tok/s':>8}{'x fp32':>8}{'MFU bf16':>10}"
-          f"{'loss':>9}")
+          f"{'loss':>9}{'peak GB':>9}")
     for r in rows:
         base = next(b for b in rows if b["stage"] == r["stage"] and b["variant"] == "fp32")
         print(f"{r['stage']:<6}{r['variant']:<11}{r['s_per_step']:>8.2f}{r['steps']:>6}{r['tokens_per_s']:>8.0f}"
               f"{base['s_per_step'] / r['s_per_step']:>8.2f}{r['flops_per_s'] / peak['bfloat16']:>10.1%}"
-              f"{r['loss']:>9.4f}")
+              f"{r['loss']:>9.4f}{r['peak_rss_gb']:>9.1f}")
     print(f"\nload average after {load_average()}")
 
 
