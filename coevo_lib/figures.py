@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 
 from coevo_lib import plots  # noqa: E402
 from coevo_lib.analysis import (baselines, boundary_views, hard_negatives, loading, paired, sensitivity,  # noqa: E402
-                                 tables)
+                                 tables, tiny_vs_pretrained)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ class Frames:
     """The tidy frames of one group of runs, each loaded on first use."""
 
     runs: list[Path]
+    tiny_runs: list[Path] = field(default_factory=list)  # a tiny-model study set beside a pretrained one
+
+    @cached_property
+    def pretrained(self) -> bool:
+        return not any(tiny_vs_pretrained.uses_tiny_model(run) for run in self.runs)
 
     @cached_property
     def info(self) -> pd.DataFrame:
@@ -93,7 +98,9 @@ class Product:
     name: str
     description: str
     build: Callable[[Frames], object]  # -> matplotlib Figure or markdown text
-    needs: str = "runs"  # which data must exist: runs | boundary | baselines (srlm or agent_r runs)
+    # which data must exist: runs | boundary | baselines (srlm or agent_r runs) | tiny (a tiny-model study to set
+    # beside this group, whose runs use a pretrained model)
+    needs: str = "runs"
 
 
 def md(frame: pd.DataFrame) -> str:
@@ -157,6 +164,14 @@ PRODUCTS = [
             lambda f: plots.outcome_mix(hard_negatives.outcome_mix(hard_negatives.outcome_counts(f.episodes)))),
     Product("outcome_counts.md", "The counts behind outcome_mix.png, per run.",
             lambda f: md(hard_negatives.outcome_counts(f.episodes))),
+    Product("trajectory_quality.md", "The paper's trajectory-quality table: per agent and iteration (seeds "
+            "pooled), the shares (%) of rollouts that succeed, fail below 0.6 and are hard negatives (0.6 <= r < 1); "
+            "the paper sets ETO's rollouts (eto/target) beside the failure agent's (coevo/failure).",
+            lambda f: md(hard_negatives.trajectory_quality(f.episodes))),
+    Product("failure_drift.md", "Drift of each agent's failures over iterations (seeds pooled): mean failure "
+            "reward and the shares (%) of failures near 0 (r < 0.1) and hard (r >= 0.6); a failure agent that "
+            "drifts away from hard negatives shows the first share rising and the second falling.",
+            lambda f: md(hard_negatives.failure_drift(f.episodes))),
     Product("pair_mix.png", "Preference pairs of each kind per method and iteration, summed over seeds.",
             lambda f: plots.pair_mix(hard_negatives.pair_mix(hard_negatives.pair_counts(f.pairs)))),
     Product("pair_counts.md", "Pairs per run, iteration and kind, and how many reject a hard negative.",
@@ -206,6 +221,11 @@ PRODUCTS = [
     Product("margin_vs_reward.png", "Final checkpoints, all sources: step gap, per-token and summed log-lik margin "
             "against the negative's reward.",
             lambda f: plots.margin_vs_reward(boundary_views.final_margins(f.boundary)), "boundary"),
+    Product("tiny_vs_pretrained.md", "What changed from the tiny model: the tiny model's study (`--tiny-runs`, a "
+            "study's tiny_runs_root) beside this pretrained model's, one row per quantity: SFT level per split, each "
+            "method − sft and − eto_sft (paired, with interval and MDE), the failure agent's drift, hard-negative "
+            "shares among ETO's and the failure agent's rollouts.",
+            lambda f: tiny_vs_pretrained.tiny_vs_pretrained_markdown(f.tiny_runs, f.runs), "tiny"),
 ]
 
 
@@ -227,12 +247,13 @@ def write_product(product: Product, frames: Frames, out_dir: Path) -> None:
         result.savefig(out_dir / product.name, dpi=110)
 
 
-def build_group(name: str, runs: list[Path], out_dir: Path) -> list[Path]:
+def build_group(name: str, runs: list[Path], out_dir: Path, tiny_runs: list[Path] | None = None) -> list[Path]:
     """Every product of one group, then the group's README.md; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    frames = Frames(runs)
+    frames = Frames(runs, tiny_runs or [])
     available = {"runs": True, "boundary": not frames.boundary.empty,
-                 "baselines": baselines.has_baseline_runs(frames.info)}
+                 "baselines": baselines.has_baseline_runs(frames.info),
+                 "tiny": bool(frames.tiny_runs) and frames.pretrained}
     written, skipped = [], []
     for product in PRODUCTS:
         if not available[product.needs]:
@@ -252,8 +273,8 @@ def group_readme(name: str, info: pd.DataFrame, written: list[Path], skipped: li
     lines += [f"- [{p.name}]({p.name}): {described[p.name]}" for p in written]
     if skipped:
         lines += ["", "Not drawn (no `analysis/boundary.jsonl` in these runs, made by "
-                  "`coevo_lib.analysis.boundary.compute_boundaries` or notebook 30; or no srlm / agent_r runs): "
-                  + ", ".join(p.name for p in skipped)]
+                  "`coevo_lib.analysis.boundary.compute_boundaries` or notebook 30; or no srlm / agent_r runs; or "
+                  "no tiny-model study set beside a pretrained model's): " + ", ".join(p.name for p in skipped)]
     return "\n".join(lines) + "\n"
 
 
@@ -268,14 +289,19 @@ def write_index(out_dir: Path) -> None:
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def build_figures(runs_root: str | Path, out_dir: str | Path = "figures") -> list[Path]:
-    """Draw every group under ``runs_root`` into ``out_dir``; raises if there is no finished run."""
+def build_figures(runs_root: str | Path, out_dir: str | Path = "figures",
+                  tiny_runs_root: str | Path | None = None) -> list[Path]:
+    """Draw every group under ``runs_root`` into ``out_dir``; raises if there is no finished run.
+
+    With ``tiny_runs_root`` (a tiny-model study's runs), each group whose runs use a pretrained model also gets
+    tiny_vs_pretrained.md; without finished runs there, the file is listed as not drawn."""
     runs_root, out_dir = Path(runs_root), Path(out_dir)
     groups = group_runs(runs_root)
     if not groups:
         raise FileNotFoundError(f"no finished runs under {runs_root} (a run is finished when its last "
                                 "evaluation stage is marked done); run `make demo` first")
-    written = [path for name, runs in groups.items() for path in build_group(name, runs, out_dir / name)]
+    tiny_runs = loading.find_runs(tiny_runs_root) if tiny_runs_root is not None else []
+    written = [path for name, runs in groups.items() for path in build_group(name, runs, out_dir / name, tiny_runs)]
     write_index(out_dir)
     return written
 
@@ -285,10 +311,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding run directories")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="where figures and tables go")
+    parser.add_argument("--tiny-runs", type=Path, default=None,
+                        help="a tiny-model study's runs (runs/results): groups of pretrained-model runs get "
+                             "tiny_vs_pretrained.md")
     args = parser.parse_args(argv)
     start = time.time()
     try:
-        written = build_figures(args.runs, args.out)
+        written = build_figures(args.runs, args.out, args.tiny_runs)
     except FileNotFoundError as error:
         print(f"figures: error: {error}", file=sys.stderr)
         return 2

@@ -84,6 +84,11 @@ class Study:
     analysis_parameters: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "parameters for the analysis notebooks that declare them"})
     figures_dir: str | None = field(default="figures", metadata={"help": "null: draw no figures"})
+    tiny_runs_root: str | None = field(
+        default=None,
+        metadata={"help": "a pretrained-model study: the tiny model's study (its runs_root) set beside it in "
+                          "tiny_vs_pretrained.md (figures) and notebook 40 (its tiny_runs_root parameter)"},
+    )
     workers: int = field(
         default=1,
         metadata={"help": "runs executed at once, each kernel with cpu_count / workers threads; a seed's first "
@@ -206,13 +211,14 @@ def run_one(study: Study, run: PlannedRun) -> str | None:
 def run_analysis(study: Study) -> list[str]:
     """Execute each analysis notebook into the study's runs_root; returns failure messages."""
     root, failures = study_runs_root(study), []
+    tiny = {"tiny_runs_root": str(resolve_path(study.tiny_runs_root))} if study.tiny_runs_root else {}
     for path in study.analysis:
         notebook = resolve_path(path)
         output = root / notebook.name
         log.info("study %s: analysis %s", study.name, notebook.name)
         try:
             declared = declared_parameters(notebook)
-            given = {k: v for k, v in study.analysis_parameters.items() if k in declared}
+            given = {k: v for k, v in {**study.analysis_parameters, **tiny}.items() if k in declared}
             execute(notebook, output, {**given, "runs_root": str(root)})
         except (PapermillExecutionError, DeadKernelError) as error:
             failures.append(notebook_failure(f"analysis of study {study.name}", notebook, output, error))
@@ -328,7 +334,8 @@ def draw_figures(study: Study) -> None:
         return
     from coevo_lib.figures import build_figures
 
-    written = build_figures(study_runs_root(study), resolve_path(study.figures_dir))
+    tiny = resolve_path(study.tiny_runs_root) if study.tiny_runs_root else None
+    written = build_figures(study_runs_root(study), resolve_path(study.figures_dir), tiny)
     log.info("study %s: %d figure and table files under %s", study.name, len(written), study.figures_dir)
 
 

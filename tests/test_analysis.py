@@ -308,10 +308,10 @@ def test_preference_accuracy_by_class():
 
 
 def write_run(root: Path, recipe: str, name: str, episodes: dict[str, list[Episode]], finished: bool = True,
-              boundary_rows: list[dict] | None = None) -> Path:
+              boundary_rows: list[dict] | None = None, recipes: str = "configs/minishop", seed: int = 0) -> Path:
     """A run directory in the real layout, from hand-made records (no training happened)."""
     run = root / name
-    config = load_config(f"configs/minishop/{recipe}.yaml", {"loop.iterations": 1})
+    config = load_config(f"{recipes}/{recipe}.yaml", {"loop.iterations": 1, "seed": seed})
     (run / "stages").mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(config))
     for file_name, records in episodes.items():
@@ -372,7 +372,8 @@ def test_figures_are_redrawn_from_saved_runs(tmp_path):
     synthetic_runs(tmp_path / "runs" / "study")
     written = build_figures(tmp_path / "runs", tmp_path / "figures")
     group = tmp_path / "figures" / "study"
-    drawn = [p for p in PRODUCTS if p.needs != "baselines"]  # no srlm / agent_r runs in the synthetic study
+    # no srlm / agent_r runs in the synthetic study, no tiny-model study set beside it
+    drawn = [p for p in PRODUCTS if p.needs not in ("baselines", "tiny")]
     assert {p.name for p in written} == {p.name for p in drawn}
     readme = (group / "README.md").read_text()
     assert all(f"[{p.name}]" in readme for p in drawn)

@@ -139,6 +139,20 @@ def test_analysis_notebook_executed_on_the_smoke_runs(smoke_study, path):
     assert not error_outputs(nbformat.read(executed_path, as_version=4))
 
 
+def test_results_notebook_sets_a_tiny_study_beside_its_runs(smoke_study, tmp_path):
+    """Notebook 40's last section with tiny_runs_root given (here the smoke runs on both sides: its table's code
+    path, not a comparison worth reading)."""
+    runs = str(smoke_study / "runs")
+    output = tmp_path / "40-results.ipynb"
+    execute(Path("notebooks/40-results.ipynb").resolve(), output, {"runs_root": runs, "tiny_runs_root": runs})
+    executed = nbformat.read(output, as_version=4)
+    assert not error_outputs(executed)
+    shown = "".join(out.get("data", {}).get("text/markdown", "")
+                    for cell in code_cells(executed) for out in cell.outputs)
+    assert "# What changed from the tiny model" in shown
+    assert "| coevo/failure hard negative % of rollouts | it1 |" in shown
+
+
 def test_boundary_work_shared_between_runs_and_processes_equals_each_run_scored_alone(smoke_study, tmp_path):
     from coevo_lib.analysis import boundary
     from coevo_lib.analysis.loading import BOUNDARY_FILE, require_runs

@@ -20,6 +20,8 @@ from coevo_lib.escaping import markdown_block, markdown_code, markdown_text, one
 from coevo_lib.records import HARD_NEGATIVE_MIN
 
 GROUP = ["method", "agent", "source", "iteration"]
+# A failure below this reward got almost nothing right (failure_drift; the histograms' lowest bin).
+NEAR_ZERO = 0.1
 # Pairwise diversity is quadratic; a fixed, deterministic subsample keeps `make figures` fast.
 MAX_DIVERSITY_EPISODES = 60
 
@@ -93,6 +95,36 @@ def pair_mix(counts: pd.DataFrame) -> pd.DataFrame:
     summed["label"] = summed["method"] + " it" + summed["iteration"].astype(str)
     table = summed.pivot(index="label", columns="kind", values="pairs").fillna(0).reset_index()
     return table.rename_axis(columns=None)
+
+
+def trajectory_quality(episodes: pd.DataFrame) -> pd.DataFrame:
+    """The paper's trajectory-quality table: per agent and iteration (seeds pooled), the shares (%) of rollouts
+    that succeed, fail below the hard-negative cut (r < 0.6) and are hard negatives (0.6 <= r < 1).
+
+    The paper compares ETO's rollouts with the failure agent's (WebShop: 22.7% -> 25.0% hard negatives); every
+    agent is listed, so eto/target beside coevo/failure is two rows of one iteration."""
+    mix = outcome_mix(outcome_counts(episodes))
+    rollouts = mix["successes"] + mix["failures"]
+    shares = {"success %": mix["successes"], f"failure < {HARD_NEGATIVE_MIN} %": mix["ordinary_failures"],
+              "hard negative %": mix["hard_negatives"]}
+    table = mix[GROUP].assign(rollouts=rollouts, **{name: 100.0 * count / rollouts for name, count in shares.items()})
+    return table.round(1)
+
+
+def failure_drift(episodes: pd.DataFrame) -> pd.DataFrame:
+    """Per agent and iteration (seeds pooled): failures, their mean reward and the shares (%) near 0
+    (r < NEAR_ZERO, the histograms' lowest bin) and hard (r >= 0.6).
+
+    The failure agent is meant to keep failing close to success; on the tiny model it drifted toward 0
+    (docs/findings.md). A target's own failures are the contrast: they are not trained to fail."""
+    failures = rollout_failures(episodes)
+    rewards = failures["reward"].astype(float)
+    flagged = failures.assign(near_zero=100.0 * (rewards < NEAR_ZERO), hard=100.0 * (rewards >= HARD_NEGATIVE_MIN))
+    table = flagged.groupby(GROUP, sort=True).agg(
+        failures=("reward", "size"), mean_failure_reward=("reward", "mean"), near_zero=("near_zero", "mean"),
+        hard=("hard", "mean")).reset_index()
+    names = {"near_zero": f"failures < {NEAR_ZERO} %", "hard": f"failures >= {HARD_NEGATIVE_MIN} %"}
+    return table.rename(columns=names).round({"mean_failure_reward": 3, **{name: 1 for name in names.values()}})
 
 
 def threshold_curve(episodes: pd.DataFrame, thresholds: Sequence[float] = THRESHOLDS) -> pd.DataFrame:
