@@ -25,7 +25,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 .PHONY: help setup lock java data git-filter model demo study-results study-sensitivity study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 # The lock goes in with --no-deps (it is the whole dependency set), coevo itself editable from the checkout;
 # packages the lock does not name are removed, so the venv holds exactly the lock (checked last).
@@ -93,6 +93,30 @@ study-baselines: setup ## SRLM and Agent-R beside sft / eto / eto_sft in study-r
 study-full: setup ## the fuller embedded study: every method x 3 seeds
 	$(BIN)/coevo study configs/studies/minishop.yaml
 
+# The SmolLM2 study (configs/studies/smollm2.yaml; its header says what each part holds and costs) in named parts
+# that only run; study-smollm2-analysis then renders notebooks 20/30/40 and figures/smollm2/ from the finished runs
+# (its `--only sft` finds the SFT runs done and skips them). SEEDS="0" runs one seed of a part.
+SMOLLM2_STUDY = $(BIN)/coevo study configs/studies/smollm2.yaml $(if $(SEEDS),--seeds $(SEEDS))
+.PHONY: study-smollm2 study-smollm2-core study-smollm2-references study-smollm2-ablations study-smollm2-srlm-agent-r \
+	study-smollm2-analysis
+study-smollm2-core: setup vllm model ## SmolLM2 study part 1: sft, eto_sft, coevo, 3 seeds (SEEDS="0": one; not timed yet)
+	$(SMOLLM2_STUDY) --runs-only --only sft --only eto_sft --only coevo
+
+study-smollm2-references: setup vllm model ## SmolLM2 study part 2: eto, rft, best_of_n (not timed yet)
+	$(SMOLLM2_STUDY) --runs-only --only eto --only rft --only best_of_n
+
+study-smollm2-ablations: setup vllm model ## SmolLM2 study part 3: coevo_frozen_failure, positive_agent (not timed yet)
+	$(SMOLLM2_STUDY) --runs-only --only coevo_frozen_failure --only positive_agent
+
+study-smollm2-srlm-agent-r: setup vllm model ## SmolLM2 study part 4: srlm, agent_r (not timed yet)
+	$(SMOLLM2_STUDY) --runs-only --only srlm --only agent_r
+
+study-smollm2-analysis: setup vllm model ## SmolLM2 study: analysis notebooks and figures/smollm2/ (+ tiny_vs_pretrained.md)
+	$(SMOLLM2_STUDY) --only sft
+
+study-smollm2: setup vllm model ## the whole SmolLM2 study: every part in order, then its analyses (not timed yet)
+	$(SMOLLM2_STUDY)
+
 # The suite includes the vLLM tests (a real server from .venv-vllm): here they must run, not skip.
 test: setup vllm ## run the test suite (CPU; 20 min measured under load, vLLM servers included; creates .venv-vllm)
 	COEVO_REQUIRE_VLLM=1 $(BIN)/python -m pytest
@@ -131,7 +155,7 @@ test-browser: ## JupyterLab in headless Chromium runs 00-quickstart on the coevo
 	$(BIN)/python -m pytest -m browser tests/test_browser.py
 
 figures: $(STAMP) ## redraw every figure and table in figures/ from saved runs (no training)
-	$(BIN)/python -m coevo_lib.figures --runs runs --out figures
+	$(BIN)/python -m coevo_lib.figures --runs runs --out figures --tiny-runs runs/results
 
 lab: ## open JupyterLab with the project's kernel
 	$(MAKE) setup EXTRAS=dev,envs,lab

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from coevo_lib.analysis.loading import is_finished
+from coevo_lib import study as study_module
+from coevo_lib.analysis.loading import is_finished, resolve_path
 from coevo_lib.config import ConfigError
-from coevo_lib.study import SMOKE_OVERRIDES, load_study, plan, run_overrides, run_study
+from coevo_lib.study import SMOKE_OVERRIDES, load_study, plan, run_overrides, run_study, study_runs_root
 
 
 def write_study(path: Path, **fields) -> Path:
@@ -67,6 +69,50 @@ def test_results_and_sensitivity_studies_agree_on_their_shared_settings():
     baselines = load_study("configs/studies/baselines.yaml")  # SRLM and Agent-R, paired with the same runs
     assert results.runs_root == baselines.runs_root and results.overrides == baselines.overrides
     assert len(results.seeds) >= 5 and results.overrides["rollout.samples_per_task"] > 1
+
+
+def makefile_parts(prefix: str) -> dict[str, list[str]]:
+    """Make targets named ``prefix``-<part> and the entries their --only flags pick."""
+    parts, target = {}, None
+    for line in Path("Makefile").read_text().splitlines():
+        if line.startswith(f"{prefix}-") and ":" in line:
+            target = line.split(":")[0]
+        elif target and line.startswith("\t"):
+            only = re.findall(r"--only (\S+)", line)
+            if only:
+                parts[target] = only
+            target = None
+    return parts
+
+
+def test_smollm2_study_runs_in_named_parts_that_hold_every_entry_once_in_order():
+    study, results = load_study("configs/studies/smollm2.yaml"), load_study("configs/studies/results.yaml")
+    names = [entry.name for entry in study.entries]
+    assert names[:3] == ["sft", "eto_sft", "coevo"]  # the core comparison first: a study cut short holds it
+    assert all(entry.recipe.startswith("configs/smollm2/") for entry in study.entries)
+    # its own runs and figures folder (figures are drawn into <figures_dir>/<runs_root's folder name>)
+    assert study_runs_root(study).name == "smollm2" != study_runs_root(results).name
+    assert study.tiny_runs_root == results.runs_root and len(study.seeds) >= 3 and study.workers == 1
+    same = ("env.kwargs.max_steps", "env.kwargs.n_test_seen", "env.kwargs.n_test_unseen", "rollout.max_tasks",
+            "rollout.samples_per_task", "loop.iterations", "eval.every_iteration")
+    assert {k: study.overrides[k] for k in same} == {k: results.overrides[k] for k in same}  # set beside results
+    assert study.overrides["rollout.backend"] == "vllm"
+    parts = makefile_parts("study-smollm2")
+    picked = [name for part in parts.values() for name in part if part != ["sft"]]  # -analysis: --only sft
+    assert picked == names, parts
+
+
+def test_analysis_notebooks_get_the_tiny_study_where_they_declare_it(tmp_path, monkeypatch):
+    executed = {}
+    monkeypatch.setattr(study_module, "execute", lambda notebook, output, parameters:
+                        executed.__setitem__(notebook.name, parameters))
+    study = load_study(write_study(
+        tmp_path / "s.yaml", name="s", runs_root=str(tmp_path / "runs"), tiny_runs_root="runs/results",
+        entries=[{"recipe": "configs/minishop/sft.yaml"}],
+        analysis=["notebooks/20-hard-negatives.ipynb", "notebooks/40-results.ipynb"]))
+    assert study_module.run_analysis(study) == []
+    assert executed["40-results.ipynb"]["tiny_runs_root"] == str(resolve_path("runs/results"))
+    assert "tiny_runs_root" not in executed["20-hard-negatives.ipynb"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
