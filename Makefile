@@ -95,7 +95,7 @@ study-full: setup ## the fuller embedded study: every method x 3 seeds
 
 # The SmolLM2 study (configs/studies/smollm2.yaml; its header says what each part holds and costs) in named parts
 # that only run; study-smollm2-analysis then renders notebooks 20/30/40 and figures/smollm2/ from the finished runs
-# (its `--only sft` finds the SFT runs done and skips them). SEEDS="0" runs one seed of a part.
+# (--analysis-only: no run starts). SEEDS="0" runs one seed of a part.
 SMOLLM2_STUDY = $(BIN)/coevo study configs/studies/smollm2.yaml $(if $(SEEDS),--seeds $(SEEDS))
 .PHONY: study-smollm2 study-smollm2-core study-smollm2-references study-smollm2-ablations study-smollm2-srlm-agent-r \
 	study-smollm2-analysis
@@ -112,7 +112,7 @@ study-smollm2-srlm-agent-r: setup vllm model ## SmolLM2 study part 4: srlm, agen
 	$(SMOLLM2_STUDY) --runs-only --only srlm --only agent_r
 
 study-smollm2-analysis: setup vllm model ## SmolLM2 study: analysis notebooks and figures/smollm2/ (+ tiny_vs_pretrained.md)
-	$(SMOLLM2_STUDY) --only sft
+	$(SMOLLM2_STUDY) --analysis-only
 
 study-smollm2: setup vllm model ## the whole SmolLM2 study: every part in order, then its analyses (not timed yet)
 	$(SMOLLM2_STUDY)

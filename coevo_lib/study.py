@@ -298,10 +298,11 @@ def limit_threads(threads: int) -> None:
 
 
 def run_study(study_file: str | Path, only: list[str] | None = None, workers: int | None = None,
-              analysis: bool = True, seeds: list[int] | None = None) -> int:
+              analysis: bool = True, seeds: list[int] | None = None, runs: bool = True) -> int:
     """Run a study end to end; returns 0 when every run and notebook succeeded, 1 otherwise.
 
     ``analysis=False`` stops after the runs (no analysis notebooks, no figures): for a study run in parts.
+    ``runs=False`` starts no run: the analyses of the runs already finished (after the parts).
     """
     study = load_study(study_file)
     if workers is not None:
@@ -316,16 +317,16 @@ def run_study(study_file: str | Path, only: list[str] | None = None, workers: in
     unplanned = sorted(set(seeds or []) - {r.seed for r in planned})
     if unplanned:
         raise ConfigError(f"--seeds names seeds the study does not plan: {unplanned}")
-    runs = [r for r in planned if (not only or r.entry in only) and (not seeds or r.seed in seeds)]
-    check_inputs(study, runs)
-    failures = run_all(study, runs)
+    selected = [r for r in planned if (not only or r.entry in only) and (not seeds or r.seed in seeds)] if runs else []
+    check_inputs(study, selected)
+    failures = run_all(study, selected)
     finished = any(is_finished(r.run_dir) for r in planned)
     if analysis and not finished:
         failures.append(f"study {study.name}: no finished run, analysis notebooks and figures skipped")
     elif analysis:
         failures += run_analysis(study)
         draw_figures(study)
-    report(study, runs, failures)
+    report(study, selected if runs else planned, failures)
     return 1 if failures else 0
 
 

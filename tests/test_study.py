@@ -98,8 +98,22 @@ def test_smollm2_study_runs_in_named_parts_that_hold_every_entry_once_in_order()
     assert {k: study.overrides[k] for k in same} == {k: results.overrides[k] for k in same}  # set beside results
     assert study.overrides["rollout.backend"] == "vllm"
     parts = makefile_parts("study-smollm2")
-    picked = [name for part in parts.values() for name in part if part != ["sft"]]  # -analysis: --only sft
+    picked = [name for part in parts.values() for name in part]  # study-smollm2-analysis runs nothing
     assert picked == names, parts
+    assert "--analysis-only" in Path("Makefile").read_text().split("study-smollm2-analysis:")[1].split("\n")[1]
+
+
+def test_analysis_only_starts_no_run_and_renders_the_finished_ones(tmp_path, monkeypatch):
+    executed = []
+    monkeypatch.setattr(study_module, "execute", lambda notebook, output, parameters: executed.append(notebook.name))
+    runs = tmp_path / "runs"
+    study = write_study(tmp_path / "s.yaml", name="s", runs_root=str(runs), figures_dir=None,
+                        entries=[{"recipe": "configs/minishop/sft.yaml"}], analysis=["notebooks/40-results.ipynb"])
+    assert run_study(study, runs=False) == 1  # nothing finished yet: says so, starts nothing
+    assert executed == [] and not list(runs.glob("*-seed*"))
+    monkeypatch.setattr(study_module, "is_finished", lambda run_dir: True)
+    assert run_study(study, runs=False) == 0
+    assert executed == ["40-results.ipynb"]  # the analysis notebook only, not the run notebook
 
 
 def test_analysis_notebooks_get_the_tiny_study_where_they_declare_it(tmp_path, monkeypatch):
