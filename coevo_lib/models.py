@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coevo_lib.config import LoraConfig, ModelConfig
+from coevo_lib.runs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,7 @@ def set_adapter_base(path: str | Path, base: str | Path) -> None:
     adapter_config = json.loads(config_file.read_text())
     adapter_config["base_model_name_or_path"] = local_or_hub(base)
     # Replaced, not rewritten: the file may be a hard link shared with another run's checkpoint (link_tree).
-    tmp = config_file.with_name(config_file.name + ".tmp")
-    tmp.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-    os.replace(tmp, config_file)
+    atomic_write_text(config_file, json.dumps(adapter_config, indent=2, sort_keys=True))
 
 
 def local_or_hub(name_or_path: str | Path) -> str:

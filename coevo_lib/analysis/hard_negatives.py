@@ -22,6 +22,8 @@ from coevo_lib.records import HARD_NEGATIVE_MIN
 GROUP = ["method", "agent", "source", "iteration"]
 # A failure below this reward got almost nothing right (failure_drift; the histograms' lowest bin).
 NEAR_ZERO = 0.1
+# failure_drift's share columns: failures near 0, and hard ones.
+DRIFT_SHARES = {"near_zero": f"failures < {NEAR_ZERO} %", "hard": f"failures >= {HARD_NEGATIVE_MIN} %"}
 # Pairwise diversity is quadratic; a fixed, deterministic subsample keeps `make figures` fast.
 MAX_DIVERSITY_EPISODES = 60
 
@@ -123,8 +125,8 @@ def failure_drift(episodes: pd.DataFrame) -> pd.DataFrame:
     table = flagged.groupby(GROUP, sort=True).agg(
         failures=("reward", "size"), mean_failure_reward=("reward", "mean"), near_zero=("near_zero", "mean"),
         hard=("hard", "mean")).reset_index()
-    names = {"near_zero": f"failures < {NEAR_ZERO} %", "hard": f"failures >= {HARD_NEGATIVE_MIN} %"}
-    return table.rename(columns=names).round({"mean_failure_reward": 3, **{name: 1 for name in names.values()}})
+    return table.rename(columns=DRIFT_SHARES).round({"mean_failure_reward": 3,
+                                                      **{name: 1 for name in DRIFT_SHARES.values()}})
 
 
 def threshold_curve(episodes: pd.DataFrame, thresholds: Sequence[float] = THRESHOLDS) -> pd.DataFrame:

@@ -54,7 +54,7 @@ def drift_rows(episodes: pd.DataFrame) -> list[Row]:
     drift = hard_negatives.failure_drift(episodes)
     drift = drift[drift["source"] == DRIFT_SOURCE]
     rows = []
-    for column in (f"failures < {hard_negatives.NEAR_ZERO} %", f"failures >= {hard_negatives.HARD_NEGATIVE_MIN} %"):
+    for column in hard_negatives.DRIFT_SHARES.values():
         rows += [(f"{DRIFT_SOURCE} {column}", f"it{r.iteration}", f"{r[column]:.1f} (of {r.failures})")
                  for _, r in drift.iterrows()]
     return rows
