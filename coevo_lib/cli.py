@@ -96,14 +96,14 @@ def command_serve(args: argparse.Namespace) -> int:
     except VLLMServerError as error:
         raise ConfigError(str(error)) from None
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its health checks, every 10 s
-    from coevo_lib.rollout_service import cpu_build_args, cpu_build_env
+    from coevo_lib.rollout_service import cpu_build_args
 
     from coevo_lib.model_store import resolve_model
 
     extra = [*cpu_build_args(), *args.vllm_args, "--host", args.host]
     server = VLLMServer(resolve_model(args.model), args.log, python=python, port=args.port,
                         max_model_len=args.max_model_len, lora_rank=args.lora_rank, kv_cache_gib=args.kv_cache_gib,
-                        extra_args=extra, env=cpu_build_env(workers=1))
+                        extra_args=extra)
     misses = 0
     try:
         server.start()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -160,8 +159,9 @@ class RolloutService:
             tensor_parallel_size=vllm.tensor_parallel_size, data_parallel_size=vllm.data_parallel_size,
             gpu_memory_utilization=vllm.gpu_memory_utilization, kv_cache_gib=vllm.kv_cache_gib,
             start_timeout_s=vllm.start_timeout_s, extra_args=cpu_build_args() + vllm.extra_args,
-            env={**cpu_build_env(vllm.tensor_parallel_size * vllm.data_parallel_size),
-                 **{k: str(v) for k, v in vllm.env.items()}},
+            # No thread binding of coevo's own on CPU: binding both of 2 vCPUs was 9% faster alone but 38%
+            # slower beside another process, and made the vLLM tests 1.6x slower (docs/pretrained-models.md).
+            env={k: str(v) for k, v in vllm.env.items()},
             lora_rank=lora_rank, max_loras=ADAPTERS_KEPT,
         )
         log.info("vLLM server started in %.1f s (%s)", server.start(), server.base_url)
@@ -249,24 +249,3 @@ def cpu_build_args() -> list[str]:
     import torch
 
     return [] if torch.cuda.is_available() else ["--no-enable-chunked-prefill"]
-
-
-SMALL_CPU_MACHINE = 4  # logical CPUs up to which coevo binds vLLM's threads itself (cpu_build_env)
-
-
-def cpu_build_env(workers: int, allowed: set[int] | None = None) -> dict[str, str]:
-    """The CPU build's thread binding on a small machine: every CPU this process may use, for one worker.
-
-    vLLM's default (VLLM_CPU_OMP_THREADS_BIND=auto) reserves one core for its scheduler and uses one thread
-    per physical core, which on a 2-vCPU machine leaves a single compute thread. Binding both measured
-    faster (bench/rollout.py, docs/pretrained-models.md). Larger machines, several workers, a GPU, or a
-    binding the user set (environment or rollout.vllm.env, which comes after) keep vLLM's own choice.
-    """
-    import torch
-
-    if torch.cuda.is_available() or workers != 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return {}
-    cpus = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
-    if len(cpus) > SMALL_CPU_MACHINE:
-        return {}
-    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}

@@ -224,19 +224,3 @@ def test_command_enables_prefix_caching_lora_and_lets_extra_args_override(tmp_pa
     env = server.environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
-
-
-def test_cpu_threads_are_bound_to_every_allowed_cpu_on_a_small_machine_only(monkeypatch):
-    """vLLM's auto binding leaves one compute thread on 2 vCPUs; coevo binds both, and defers otherwise."""
-    from coevo_lib.rollout_service import cpu_build_env
-
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cpu_build_env(1, allowed={1, 0}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1"}
-    assert cpu_build_env(1, allowed=set(range(8))) == {}  # a larger machine: vLLM's own choice
-    assert cpu_build_env(2, allowed={0, 1}) == {}  # several workers split the CPUs by vLLM's rules
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
-    assert cpu_build_env(1, allowed={0, 1}) == {}  # the user's binding wins
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cpu_build_env(1, allowed={0, 1}) == {}  # the CUDA build binds nothing
