@@ -89,7 +89,8 @@ def test_figures_set_the_tiny_study_beside_pretrained_groups_only(studies, tmp_p
     assert "smollm2/tiny_vs_pretrained.md" in written and "results/tiny_vs_pretrained.md" not in written
     assert {"smollm2/trajectory_quality.md", "smollm2/failure_drift.md"} <= written
     text = (tmp_path / "figures" / "smollm2" / "tiny_vs_pretrained.md").read_text()
-    assert "under `results`" in text and "under `smollm2`" in text and "| coevo − sft reward (x100) |" in text
+    assert "under `results` (1 iteration)" in text and "under `smollm2` (1 iteration)" in text
+    assert "| coevo − sft reward (x100) |" in text
     assert "[tiny_vs_pretrained.md]" in (tmp_path / "figures" / "smollm2" / "README.md").read_text()
     without = build_figures(tmp_path / "runs", tmp_path / "other")  # no tiny study given: not drawn
     assert not any(p.name == "tiny_vs_pretrained.md" for p in without)

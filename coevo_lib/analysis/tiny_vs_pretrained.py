@@ -95,11 +95,19 @@ def study_name(runs: Sequence[Path]) -> str:
     return ", ".join(sorted({Path(run).parent.name for run in runs}))
 
 
+def iterations_of(runs: Sequence[Path]) -> str:
+    """The loop iterations the study's iterating runs performed, e.g. "3 iterations" ("1 or 3 iterations" when
+    they differ: rft runs one; sft runs none): the two studies need not train for as long."""
+    counts = sorted({loading.final_iteration(loading.read_raw_config(run)) for run in runs} - {0})
+    return f"{' or '.join(map(str, counts)) or 'no'} iteration{'' if counts == [1] else 's'}"
+
+
 def tiny_vs_pretrained_markdown(tiny_runs: Sequence[Path], pretrained_runs: Sequence[Path]) -> str:
     """tiny_vs_pretrained.md: the table with a paragraph saying where each column comes from."""
     table = tiny_vs_pretrained(tiny_runs, pretrained_runs)
-    intro = (f"Tiny model: {len(tiny_runs)} finished runs under `{study_name(tiny_runs)}`. Pretrained model: "
-             f"{len(pretrained_runs)} finished runs under `{study_name(pretrained_runs)}`. Each column comes from "
+    intro = (f"Tiny model: {len(tiny_runs)} finished runs under `{study_name(tiny_runs)}` "
+             f"({iterations_of(tiny_runs)}). Pretrained model: {len(pretrained_runs)} finished runs under "
+             f"`{study_name(pretrained_runs)}` ({iterations_of(pretrained_runs)}). Each column comes from "
              "its own study's runs (different models: no task score pairs across them), so the columns are read "
              "side by side, not subtracted. Differences are paired within a study (paired_differences.md: 95% "
              "interval, MDE at 80% power); rollout shares pool seeds (trajectory_quality.md, failure_drift.md); "
