@@ -22,7 +22,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock java data git-filter model demo study-results study-sensitivity study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
+.PHONY: help setup lock java cxx data git-filter model demo study-results study-sensitivity study-full test test-fast test-browser chromium figures lab bench vllm clean-runs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -50,10 +50,13 @@ endif
 	$(BIN)/python -m ipykernel install --sys-prefix --name coevo --display-name "coevo (.venv)" >/dev/null
 	touch $@
 
-setup: $(STAMP) java data git-filter ## create .venv from its lock in locks/ (exact versions, hashes) with coevo, check Java, build the offline SQL data, strip notebooks on commit
+setup: $(STAMP) java cxx data git-filter ## create .venv from its lock in locks/ (exact versions, hashes) with coevo, check Java and a C++ compiler, build the offline SQL data, strip notebooks on commit
 
 java: ## make sure a Java >= 11 runtime exists (ScienceWorld), installing OpenJDK 17 if needed
 	bash scripts/ensure_java.sh
+
+cxx: ## make sure a C++ compiler exists for train.compile (torch.compile on CPU), installing g++ if it can (never fatal)
+	bash scripts/ensure_cxx.sh
 
 # JupyterLab records the kernel's Python version in language_info on every save: strip it too.
 NBSTRIPOUT_EXTRA_KEYS := metadata.language_info

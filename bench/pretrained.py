@@ -1,6 +1,7 @@
 """Training throughput of a real pretrained model on CPU per precision, in one process, against float32.
 
     python bench/pretrained.py [--model smollm2-135m-instruct] [--experts 32] [--pairs 16] [--threads 2]
+    python bench/pretrained.py --profile bf16 --experts 16 --pairs 8   # where a variant's time goes
 
 SFT runs coevo's fit_sft on minishop expert trajectories in configs/smollm2/base.yaml's format (system
 prompt, position-numbered items), one epoch, with the recipe's batch size and gradient accumulation; DPO runs
@@ -8,6 +9,8 @@ coevo's masked DPO (lambda 0.5 + SFT 0.5, reference log-probs precomputed) on be
 replayed-failure pairs, batched like the recipe's dpo stage. Variants:
 - fp32: float32 weights and compute (what coevo did on CPU before model.cpu_bf16): the baseline;
 - bf16: bf16 autocast over float32 master weights (model.cpu_bf16 on a CPU with AMX / AVX512-BF16);
+- bf16-compile: bf16 with train.compile (each decoder layer compiled by torch.compile through accelerate);
+  its first step, which compiles, is left out like every variant's;
 - lora-bf16: a rank-16 LoRA adapter on q/k/v/o over a frozen bf16 base, under the same autocast.
 Each row: seconds per optimizer step (the first step, warm-up, left out), tokens/s, the ratio to fp32 and
 the mean loss of the steps. MFU is the model FLOPs per second (6 x non-embedding parameters x tokens,
@@ -43,7 +46,7 @@ from coevo_lib.train.sft import fit_sft, sft_features
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dpo import bench_pairs  # noqa: E402  (expert > replayed-failure pairs)
 
-VARIANTS = ("fp32", "bf16", "lora-bf16")
+VARIANTS = ("fp32", "bf16", "bf16-compile", "lora-bf16")
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,6 +58,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="fp32 always runs: it is the baseline")
+    parser.add_argument("--profile", choices=VARIANTS, default=None,
+                        help="instead of the table: run this variant once per stage under torch.profiler and "
+                             "print where its CPU time goes (the ops with the most self time)")
+    parser.add_argument("--profile-rows", type=int, default=25)
     return parser.parse_args()
 
 
@@ -104,10 +111,10 @@ def run_variant(kind: str, variant: str, path: str, base_config, stage, data, to
                 out: Path) -> dict:
     config = model_config(base_config, variant)
     model, tokenizer = load_model(path, config, trainable=True), load_tokenizer(path)
-    bf16, captured = variant != "fp32", {}
+    captured = {}
     stage = replace(stage, epochs=1, warmup_ratio=0.0)
     reset_peak_rss()
-    trainer, stats = fit_timed(kind, model, tokenizer, data, stage, out, bf16, captured)
+    trainer, stats = fit_timed(kind, model, tokenizer, data, stage, out, variant, captured)
     steps = captured["step_times"]
     per_step = statistics.mean(steps[1:]) if len(steps) > 1 else steps[0]  # the first step warms up
     n_steps = len(steps)
@@ -115,6 +122,35 @@ def run_variant(kind: str, variant: str, path: str, base_config, stage, data, to
             "tokens_per_s": tokens / n_steps / per_step, "flops_per_s": model_flops(model, tokens, labelled)
             / n_steps / per_step, "loss": statistics.mean(step_losses(trainer)), "wall_s": stats["wall_s"],
             "peak_rss_gb": peak_rss_gb()}
+
+
+def profile_variant(kind: str, variant: str, path: str, base_config, stage, data, out: Path, rows: int) -> None:
+    """Print the ops with the most self CPU time of one fit: which work the variant's ratio is waiting on.
+
+    Matmuls (aten::mm / addmm / bmm / linear's kernels) are what bf16 speeds up; a large share left in
+    casts (aten::copy_, aten::to), elementwise ops and the optimizer (aten::_foreach_*, lerp, addcdiv) is work
+    that stays float32 and bounds the speed-up (Amdahl)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = model_config(base_config, variant)
+    model, tokenizer = load_model(path, config, trainable=True), load_tokenizer(path)
+    stage = replace(stage, epochs=1, warmup_ratio=0.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fit_timed(kind, model, tokenizer, data, stage, out, variant, {})
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n{kind} {variant}: {total / 1e6:.1f} s of self CPU time profiled; top {rows} ops")
+    print(f"{'op':<44}{'self s':>9}{'share':>8}{'calls':>8}")
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]:
+        print(f"{e.key[:43]:<44}{e.self_cpu_time_total / 1e6:>9.2f}{e.self_cpu_time_total / total:>8.1%}"
+              f"{e.count:>8}")
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product", "mkldnn"),
+              "cast / copy": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous"),
+              "optimizer": ("aten::_fused_adamw", "aten::_foreach", "aten::lerp", "aten::addcdiv", "Optimizer.")}
+    shares = {name: sum(e.self_cpu_time_total for e in events if e.key.startswith(prefixes)) / total
+              for name, prefixes in groups.items()}
+    shares["everything else"] = 1 - sum(shares.values())
+    print("by kind: " + ", ".join(f"{name} {share:.1%}" for name, share in shares.items()))
 
 
 def reset_peak_rss() -> None:
@@ -126,11 +162,12 @@ def peak_rss_gb() -> float:
     return int(line.split()[1]) / 1024 ** 2
 
 
-def fit_timed(kind: str, model, tokenizer, data, stage, out, bf16, captured):
+def fit_timed(kind: str, model, tokenizer, data, stage, out, variant: str, captured):
     from coevo_lib.train import dpo as coevo_dpo, sft as coevo_sft
     module, fit = (coevo_sft, fit_sft) if kind == "sft" else (coevo_dpo, fit_dpo)
     return with_timed_train(module, lambda: fit(model, tokenizer, data, stage, out, 0, gradient_checkpointing=False,
-                                                cpu_bf16=bf16), captured)
+                                                cpu_bf16=variant != "fp32", compile_layers=variant == "bf16-compile"),
+                            captured)
 
 
 def with_timed_train(module, fit, captured):
@@ -193,6 +230,13 @@ def main() -> None:
     stages = {"sft": config.sft, "dpo": config.dpo}
     print("batches (micro-batch x accumulation): " + ", ".join(
         f"{kind} {stages[kind].batch_size} x {stages[kind].grad_accum}" for kind in datasets))
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind, data in datasets.items():
+                profile_variant(kind, args.profile, path, config.model, stages[kind], data,
+                                Path(tmp) / f"{kind}-profile", args.profile_rows)
+        print(f"\nload average after {load_average()}")
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind, data in datasets.items():

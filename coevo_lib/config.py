@@ -467,6 +467,14 @@ class TrainLaunchConfig:
         metadata={"help": "recompute activations in the backward pass (trl's default): less memory, more compute; "
                           "the gradients are the same. Small models on CPU train faster without it"},
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer for training (accelerate's regional compilation, "
+                          "through the Trainer's torch_compile): fuses the casts and elementwise work that bf16 "
+                          "autocast leaves around the matmuls. Needs a C++ compiler (inductor's CPU backend) and "
+                          "costs about a minute of compiling per stage; pays on models of 100M+ parameters "
+                          "(bench/pretrained.py), not on the tiny one"},
+    )
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:

@@ -177,7 +177,8 @@ class Workbench:
                 return
             model, tokenizer = load_model(base, self.config.model, trainable=True), load_tokenizer(base)
             stats.update(train_sft(model, tokenizer, episodes, self.config.sft, self.run_dir.sub("tb", name),
-                                   self.config.seed, self.config.train.gradient_checkpointing, self.cpu_bf16()))
+                                   self.config.seed, self.config.train.gradient_checkpointing, self.cpu_bf16(),
+                                   self.config.train.compile))
             save_agent(model, tokenizer, tmp)
 
         atomic_dir(self.run_dir.checkpoint(name), build)
@@ -289,7 +290,8 @@ class Workbench:
                 model, tokenizer = load_model(start, self.config.model, trainable=True), load_tokenizer(start)
                 stats.update(train_dpo(model, tokenizer, pairs, stage_config,
                                        self.run_dir.sub("tb", f"{agent}-it{iteration}"), self.config.seed + iteration,
-                                       self.config.train.gradient_checkpointing, self.cpu_bf16()))
+                                       self.config.train.gradient_checkpointing, self.cpu_bf16(),
+                                       self.config.train.compile))
                 save_agent(model, tokenizer, tmp)
 
             atomic_dir(out, build)

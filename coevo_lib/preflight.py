@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -31,6 +32,16 @@ def check_run_inputs(config: RunConfig) -> None:
     check_model_path(config.model.name_or_path)
     if config.rollout.backend == "vllm":
         check_vllm(config)
+    if config.train.compile:
+        check_compiler()
+
+
+def check_compiler() -> None:
+    """train.compile runs inductor, whose CPU backend builds C++: a missing compiler would fail mid-stage."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None and shutil.which("c++") is None:
+        raise ConfigError(f"config key 'train.compile': true needs a C++ compiler for torch.compile's CPU backend "
+                          f"and none was found ({compiler!r} or 'c++' on PATH; Debian: apt-get install g++)")
 
 
 # vLLM 0.32's CPU attention (CPUAttentionBackend.get_supported_head_sizes); GPU backends take these too.

@@ -128,3 +128,12 @@ def test_serve_without_vllm_names_make_vllm(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COEVO_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
     assert main(["serve", str(tmp_path)]) == 2
     assert "make vllm" in capsys.readouterr().err
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no g++, no c++
+    monkeypatch.delenv("CXX", raising=False)
+    code, err = run_cli(capsys, RECIPE, "--set", "train.compile=true", "--set", f"runs_root={tmp_path}/runs")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "'train.compile'" in err and "C++ compiler" in err
+    assert not (tmp_path / "runs").exists()

@@ -123,6 +123,32 @@ def test_gradient_checkpointing_is_passed_to_trl_and_leaves_the_weights_unchange
     assert all(torch.equal(trained[True][name], trained[False][name]) for name in trained[True])
 
 
+def test_compile_compiles_each_decoder_layer_and_trains_the_same_weights(tiny_model, tiny_tokenizer, shop_pairs,
+                                                                          tmp_path):
+    """train.compile: the Trainer compiles layer by layer (accelerate's regional compilation) and the trained
+    weights match eager training up to float rounding (inductor fuses, so the sums run in another order)."""
+    stage = DPOStageConfig(epochs=1, batch_size=2, learning_rate=1e-2, max_length=256, warmup_ratio=0.0)
+    trained = {}
+    for flag in (False, True):
+        model = copy.deepcopy(tiny_model)
+        trainer = build_dpo_trainer(model, tiny_tokenizer, pairs_dataset(tiny_tokenizer, shop_pairs), stage,
+                                    tmp_path / f"dpo-{flag}", seed=0, compile_layers=flag)
+        assert trainer.args.torch_compile is flag
+        trainer.train()
+        compiled = [type(layer).__name__ == "OptimizedModule"
+                    for layer in trainer.model_wrapped.model.layers]
+        assert compiled == [flag] * len(tiny_model.model.layers)
+        assert not any(name.startswith("_orig_mod") or "._orig_mod." in name
+                       for name in model.state_dict())  # what coevo saves keeps its plain names
+        trained[flag] = parameters_snapshot(model)
+    start = parameters_snapshot(tiny_model)
+    assert changed_parameters(tiny_model, trained[True]) > 0
+    # Adam normalises each update, so a gradient near 0 may round to the other sign: compare the whole update.
+    update = torch.cat([(trained[False][n] - start[n]).flatten() for n in start]).norm()
+    gap = torch.cat([(trained[True][n] - trained[False][n]).flatten() for n in start]).norm()
+    assert gap < 0.01 * update
+
+
 def sft_episodes():
     return [make_episode("e", "buy a red mug", [("search[red mug]", "ok"), ("click[buy now]", "")], 1.0)] * 4
 

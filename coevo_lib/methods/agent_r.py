@@ -239,7 +239,8 @@ def train_stage(bench: Workbench, iteration: int) -> dict[str, Any]:
             model = load_model(start, bench.config.model, trainable=True)
             tokenizer = load_tokenizer(start)
             stats.update(train_sft(model, tokenizer, examples, config.sft, bench.run_dir.sub("tb", name),
-                                   bench.config.seed + iteration, bench.config.train.gradient_checkpointing))
+                                   bench.config.seed + iteration, bench.config.train.gradient_checkpointing,
+                                   bench.cpu_bf16(), bench.config.train.compile))
             save_agent(model, tokenizer, tmp)
 
     atomic_dir(bench.run_dir.checkpoint(name), build)

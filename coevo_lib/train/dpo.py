@@ -25,8 +25,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from coevo_lib.config import DPOStageConfig
 from coevo_lib.prompting import render_ids, tokenize_conversation
 from coevo_lib.records import Pair
-from coevo_lib.train.common import (batch_accounting, run_quietly, score_labelled_tokens_only, step_losses,
-                                    trainer_kwargs)
+from coevo_lib.train.common import (batch_accounting, compile_by_layer, run_quietly, score_labelled_tokens_only,
+                                    step_losses, trainer_kwargs)
 
 MASK_COLUMNS = ("chosen_mask", "rejected_mask")
 
@@ -100,10 +100,10 @@ def dpo_loss_terms(stage: DPOStageConfig) -> tuple[list[str], list[float]]:
 def build_dpo_trainer(model, tokenizer, dataset: Dataset, stage: DPOStageConfig, output_dir: Path, seed: int,
                       ref_model=None, precompute_ref: bool = True, processes: int = 1,
                       device_type: str | None = None, gradient_checkpointing: bool = True,
-                      cpu_bf16: bool = False) -> MaskedDPOTrainer:
+                      cpu_bf16: bool = False, compile_layers: bool = False) -> MaskedDPOTrainer:
     loss_types, loss_weights = dpo_loss_terms(stage)
     kwargs = trainer_kwargs(stage, output_dir, seed, model, len(dataset), processes, device_type,
-                            gradient_checkpointing, cpu_bf16)
+                            gradient_checkpointing, cpu_bf16, compile_layers)
     args = DPOConfig(
         **kwargs, beta=stage.beta, loss_type=loss_types, loss_weights=loss_weights,
         precompute_ref_log_probs=precompute_ref and ref_model is None,
@@ -111,31 +111,34 @@ def build_dpo_trainer(model, tokenizer, dataset: Dataset, stage: DPOStageConfig,
     )
     score_labelled_tokens_only()
     collator = AssistantMaskCollator(pad_token_id=tokenizer.pad_token_id, max_length=stage.max_length)
-    return MaskedDPOTrainer(
+    trainer = MaskedDPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=collator, sft_reduction=stage.sft_reduction, sft_weight=stage.lambda_sft,
     )
+    compile_by_layer(trainer)
+    return trainer
 
 
 def train_dpo(model, tokenizer, pairs: list[Pair], stage: DPOStageConfig, output_dir: Path, seed: int,
-              gradient_checkpointing: bool = True, cpu_bf16: bool = False) -> dict:
+              gradient_checkpointing: bool = True, cpu_bf16: bool = False, compile_layers: bool = False) -> dict:
     """DPO in place on ``pairs``; the reference is ``model`` as it is now (the start of the iteration)."""
     if not pairs:
         return {"pairs": 0, "steps": 0, "tokens_trained": 0, "wall_s": 0.0, "train_loss": None}
     return fit_dpo(model, tokenizer, pairs_dataset(tokenizer, pairs), stage, output_dir, seed,
-                   gradient_checkpointing=gradient_checkpointing, cpu_bf16=cpu_bf16)[1]
+                   gradient_checkpointing=gradient_checkpointing, cpu_bf16=cpu_bf16, compile_layers=compile_layers)[1]
 
 
 def fit_dpo(model, tokenizer, dataset: Dataset, stage: DPOStageConfig, output_dir: Path, seed: int,
             processes: int = 1, device_type: str | None = None,
-            gradient_checkpointing: bool = True, cpu_bf16: bool = False) -> tuple[MaskedDPOTrainer, dict]:
+            gradient_checkpointing: bool = True, cpu_bf16: bool = False,
+            compile_layers: bool = False) -> tuple[MaskedDPOTrainer, dict]:
     """DPO on tokenised pairs (one rank of ``processes``). Under several ranks ``dataset`` must be
     file-backed (``load_from_disk``): trl caches the reference log-probs next to its files, which
     every rank then reads; an in-memory dataset's cache name is random per process."""
     start = time.time()
     trainer = build_dpo_trainer(model, tokenizer, dataset, stage, output_dir, seed, processes=processes,
                                 device_type=device_type, gradient_checkpointing=gradient_checkpointing,
-                                cpu_bf16=cpu_bf16)
+                                cpu_bf16=cpu_bf16, compile_layers=compile_layers)
     output = run_quietly(trainer)
     sequence_tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in dataset)
     return trainer, {

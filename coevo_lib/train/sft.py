@@ -16,8 +16,8 @@ from trl import SFTConfig, SFTTrainer
 from coevo_lib.config import SFTStageConfig
 from coevo_lib.prompting import tokenize_conversation
 from coevo_lib.records import Episode
-from coevo_lib.train.common import (batch_accounting, run_quietly, score_labelled_tokens_only, step_losses,
-                                    trainer_kwargs)
+from coevo_lib.train.common import (batch_accounting, compile_by_layer, run_quietly, score_labelled_tokens_only,
+                                    step_losses, trainer_kwargs)
 
 
 def sft_features(tokenizer, episodes: list[Episode], max_length: int) -> Dataset:
@@ -30,21 +30,22 @@ def sft_features(tokenizer, episodes: list[Episode], max_length: int) -> Dataset
 
 
 def train_sft(model, tokenizer, episodes: list[Episode], stage: SFTStageConfig, output_dir: Path, seed: int,
-              gradient_checkpointing: bool = True, cpu_bf16: bool = False) -> dict:
+              gradient_checkpointing: bool = True, cpu_bf16: bool = False, compile_layers: bool = False) -> dict:
     """Fine-tune ``model`` in place on ``episodes``; return accounting for metrics.jsonl."""
     return fit_sft(model, tokenizer, sft_features(tokenizer, episodes, stage.max_length), stage, output_dir, seed,
-                   gradient_checkpointing=gradient_checkpointing, cpu_bf16=cpu_bf16)[1]
+                   gradient_checkpointing=gradient_checkpointing, cpu_bf16=cpu_bf16, compile_layers=compile_layers)[1]
 
 
 def fit_sft(model, tokenizer, dataset: Dataset, stage: SFTStageConfig, output_dir: Path, seed: int,
-            processes: int = 1, device_type: str | None = None,
-            gradient_checkpointing: bool = True, cpu_bf16: bool = False) -> tuple[SFTTrainer, dict]:
+            processes: int = 1, device_type: str | None = None, gradient_checkpointing: bool = True,
+            cpu_bf16: bool = False, compile_layers: bool = False) -> tuple[SFTTrainer, dict]:
     """SFT on tokenised ``dataset`` (one rank of ``processes``); the trainer and the stage's accounting."""
     kwargs = trainer_kwargs(stage, output_dir, seed, model, len(dataset), processes, device_type,
-                            gradient_checkpointing, cpu_bf16)
+                            gradient_checkpointing, cpu_bf16, compile_layers)
     score_labelled_tokens_only()
     trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs, packing=False), train_dataset=dataset,
                          processing_class=tokenizer)
+    compile_by_layer(trainer)
     start = time.time()
     output = run_quietly(trainer)
     return trainer, {

@@ -139,7 +139,8 @@ def train_job(job: dict[str, Any], state: PartialState) -> dict[str, Any]:
     trainer, stats = fit(model, tokenizer, dataset, stage, Path(job["tb_dir"]), job["seed"],
                          processes=state.num_processes, device_type=device_type,
                          gradient_checkpointing=config.train.gradient_checkpointing,
-                         cpu_bf16=computes_in_bf16(config.model, torch.device("cpu")))
+                         cpu_bf16=computes_in_bf16(config.model, torch.device("cpu")),
+                         compile_layers=config.train.compile)
     save_trained(trainer, tokenizer, model_config, job)
     return {**stats, "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1]}
 
