@@ -107,12 +107,17 @@ def model_flops(model, tokens: int, labelled: int) -> float:
     return 6.0 * dense * tokens + 6.0 * config.hidden_size * config.vocab_size * labelled
 
 
-def run_variant(kind: str, variant: str, path: str, base_config, stage, data, tokens: int, labelled: int,
-                out: Path) -> dict:
+def prepare_variant(variant: str, path: str, base_config, stage):
+    """The variant's model and tokenizer, and the stage as every row runs it: one epoch, no warmup."""
     config = model_config(base_config, variant)
     model, tokenizer = load_model(path, config, trainable=True), load_tokenizer(path)
+    return model, tokenizer, replace(stage, epochs=1, warmup_ratio=0.0)
+
+
+def run_variant(kind: str, variant: str, path: str, base_config, stage, data, tokens: int, labelled: int,
+                out: Path) -> dict:
+    model, tokenizer, stage = prepare_variant(variant, path, base_config, stage)
     captured = {}
-    stage = replace(stage, epochs=1, warmup_ratio=0.0)
     reset_peak_rss()
     trainer, stats = fit_timed(kind, model, tokenizer, data, stage, out, variant, captured)
     steps = captured["step_times"]
@@ -132,9 +137,7 @@ def profile_variant(kind: str, variant: str, path: str, base_config, stage, data
     that stays float32 and bounds the speed-up (Amdahl)."""
     from torch.profiler import ProfilerActivity, profile
 
-    config = model_config(base_config, variant)
-    model, tokenizer = load_model(path, config, trainable=True), load_tokenizer(path)
-    stage = replace(stage, epochs=1, warmup_ratio=0.0)
+    model, tokenizer, stage = prepare_variant(variant, path, base_config, stage)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fit_timed(kind, model, tokenizer, data, stage, out, variant, {})
     events = prof.key_averages()
