@@ -100,9 +100,9 @@ def trainer_kwargs(stage, output_dir: Path, seed: int, model, n_examples: int, p
 def compile_by_layer(trainer) -> None:
     """Make the Trainer's torch.compile compile each repeated block (decoder layer) instead of the whole model.
 
-    accelerate compiles one layer and reuses it for the other 29 of SmolLM2 (about 30 s here, against
-    over 4 min for the whole model with the same step time afterwards: /tmp measurements in
-    docs/pretrained-models.md). transformers' TrainingArguments cannot ask for it, and accelerate reads the
+    accelerate compiles one layer and reuses it for the other 29 of SmolLM2: its first two steps took
+    28 + 31 s against 95 + 148 s with the whole model compiled, the same step time afterwards (a loaded
+    machine: docs/pretrained-models.md). transformers' TrainingArguments cannot ask for it, and accelerate reads the
     flag only when train() prepares the model, so it is set on the trainer's plugin before that."""
     if trainer.args.torch_compile:
         trainer.accelerator.state.dynamo_plugin.use_regional_compilation = True
