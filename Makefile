@@ -101,7 +101,7 @@ study-full: setup ## the fuller embedded study: every method x 3 seeds
 # (--analysis-only: no run starts). SEEDS="0" runs one seed of a part.
 SMOLLM2_STUDY = $(BIN)/coevo study configs/studies/smollm2.yaml $(if $(SEEDS),--seeds $(SEEDS))
 .PHONY: study-smollm2 study-smollm2-core study-smollm2-references study-smollm2-ablations study-smollm2-srlm-agent-r \
-	study-smollm2-analysis
+	study-smollm2-sensitivity study-smollm2-analysis
 study-smollm2-core: setup vllm model ## SmolLM2 study part 1: sft, eto_sft, coevo, 3 seeds (about 3 h per seed: run SEEDS="0", "1", "2" as parts)
 	$(SMOLLM2_STUDY) --runs-only --only sft --only eto_sft --only coevo
 
@@ -113,6 +113,9 @@ study-smollm2-ablations: setup vllm model ## SmolLM2 study part 3: coevo_frozen_
 
 study-smollm2-srlm-agent-r: setup vllm model ## SmolLM2 study part 4: srlm, agent_r (not timed yet)
 	$(SMOLLM2_STUDY) --runs-only --only srlm --only agent_r
+
+study-smollm2-sensitivity: setup vllm model ## SmolLM2 study part 5: coevo with lambda_SFT 0.25 (not timed yet)
+	$(SMOLLM2_STUDY) --runs-only --only coevo_lsft0.25
 
 study-smollm2-analysis: setup vllm model ## SmolLM2 study: analysis notebooks and figures/smollm2/ (+ tiny_vs_pretrained.md)
 	$(SMOLLM2_STUDY) --analysis-only
