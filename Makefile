@@ -102,7 +102,7 @@ study-full: setup ## the fuller embedded study: every method x 3 seeds
 SMOLLM2_STUDY = $(BIN)/coevo study configs/studies/smollm2.yaml $(if $(SEEDS),--seeds $(SEEDS))
 .PHONY: study-smollm2 study-smollm2-core study-smollm2-references study-smollm2-ablations study-smollm2-srlm-agent-r \
 	study-smollm2-sensitivity study-smollm2-analysis
-study-smollm2-core: setup vllm model ## SmolLM2 study part 1: sft, eto_sft, coevo, 3 seeds (1 h 54 min per seed measured: run SEEDS="0", "1", "2" as parts)
+study-smollm2-core: setup vllm model ## SmolLM2 study part 1: sft, eto_sft, coevo, 3 seeds (1.5-2 h per seed measured, 5.5 h in all: run SEEDS="0", "1", "2" as parts)
 	$(SMOLLM2_STUDY) --runs-only --only sft --only eto_sft --only coevo
 
 study-smollm2-references: setup vllm model ## SmolLM2 study part 2: eto, rft, best_of_n (not timed yet)
