@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from coevo_lib.analysis import paired, sensitivity as sweep  # the module; plots.sensitivity is the figure
 
@@ -325,6 +326,9 @@ def margins_by_source(summary: pd.DataFrame) -> Figure:
             ax.errorbar(rows["mean"], y, xerr=rows["ci95"].fillna(0), fmt="o", ms=4, capsize=2,
                         color=color(method), label=method)
         ax.axvline(0.0, color="black", lw=0.8)
+        # Per-token implicit margins are ~1e-3: plain tick labels that small run into each other.
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_title(title)
     figure_legend(figure, axes, ncols=min(len(methods), 5))
