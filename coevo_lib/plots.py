@@ -310,6 +310,14 @@ def figure_legend(figure: Figure, axes, ncols: int) -> None:
     figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=ncols, fontsize=7)
 
 
+def margin_zero_line(ax, line_color: str) -> None:
+    """The zero line of a horizontal margin axis, with tick labels that stay readable at any margin's scale."""
+    ax.axvline(0.0, color=line_color, lw=0.8)
+    # Per-token implicit margins and their coefficients are ~1e-3: plain tick labels that small overlap.
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+
+
 def margins_by_source(summary: pd.DataFrame) -> Figure:
     """Final checkpoints: mean margin (95% CI) per negative source, one marker per method, a panel per view."""
     if summary.empty:
@@ -325,10 +333,7 @@ def margins_by_source(summary: pd.DataFrame) -> Figure:
             y = [labels.index(label) + 0.12 * (offset - (len(methods) - 1) / 2) for label in rows["source_label"]]
             ax.errorbar(rows["mean"], y, xerr=rows["ci95"].fillna(0), fmt="o", ms=4, capsize=2,
                         color=color(method), label=method)
-        ax.axvline(0.0, color="black", lw=0.8)
-        # Per-token implicit margins are ~1e-3: plain tick labels that small run into each other.
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+        margin_zero_line(ax, "black")
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_title(title)
     figure_legend(figure, axes, ncols=min(len(methods), 5))
@@ -390,7 +395,7 @@ def regression_coefficients(table: pd.DataFrame) -> Figure:
             y = [methods.index(m) for m in rows["method"]]
             ax.errorbar(rows["coef"], y, xerr=[rows["coef"] - rows["ci_low"], rows["ci_high"] - rows["coef"]],
                         fmt="o", capsize=2, color="black")
-            ax.axvline(0.0, color="#d62728", lw=0.8)
+            margin_zero_line(ax, "#d62728")
             ax.set_yticks(range(len(methods)), methods, fontsize=8)
             ax.set(title=VIEW_TITLES[view], xlabel=label)
     return figure
