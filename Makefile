@@ -105,7 +105,7 @@ SMOLLM2_STUDY = $(BIN)/coevo study configs/studies/smollm2.yaml $(if $(SEEDS),--
 study-smollm2-core: setup vllm model ## SmolLM2 study part 1: sft, eto_sft, coevo, 3 seeds (1.5-2 h per seed measured, 5.5 h in all: run SEEDS="0", "1", "2" as parts)
 	$(SMOLLM2_STUDY) --runs-only --only sft --only eto_sft --only coevo
 
-study-smollm2-references: setup vllm model ## SmolLM2 study part 2: eto, rft, best_of_n (not timed yet)
+study-smollm2-references: setup vllm model ## SmolLM2 study part 2: eto, rft, best_of_n (about 1 h 20 min per seed measured: run SEEDS="0", "1", "2" as parts)
 	$(SMOLLM2_STUDY) --runs-only --only eto --only rft --only best_of_n
 
 study-smollm2-ablations: setup vllm model ## SmolLM2 study part 3: coevo_frozen_failure, positive_agent (not timed yet)
