@@ -85,6 +85,15 @@ def learning_curves(curves: pd.DataFrame, metric: str = "reward (x100)") -> Figu
     return figure
 
 
+def comparison_labels(summary: pd.DataFrame, comparisons: list[str]) -> list[str]:
+    """Y labels of the paired-difference rows: the comparison, with its seed count when the rows differ in it (a
+    study part run on fewer seeds: a 1-seed interval covers tasks only and reads narrower than it is)."""
+    seeds = summary.groupby("comparison")["seeds"].max()
+    if seeds.nunique() <= 1:
+        return comparisons
+    return [f"{c} ({seeds[c]} seed{'' if seeds[c] == 1 else 's'})" for c in comparisons]
+
+
 def paired_differences(summary: pd.DataFrame) -> Figure:
     """Method - reference per row (analysis.paired): 95% interval, grey = +-MDE, hollow = every task tied."""
     if summary.empty:
@@ -100,7 +109,7 @@ def paired_differences(summary: pd.DataFrame) -> Figure:
             ax.errorbar(row.difference, yi, xerr=[[row.difference - row.ci_low], [row.ci_high - row.difference]],
                         fmt="o", ms=4, capsize=3, color=color(row.method), mfc="white" if row.se == 0 else None)
         ax.axvline(0.0, color="black", lw=0.8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_yticks(range(len(labels)), comparison_labels(summary, labels), fontsize=8)
         ax.tick_params(axis="y", labelleft=index % len(splits) == 0)
         ax.set(title=f"{split}: {metric}", xlabel=f"difference in {paired.METRICS[metric]}, 95% CI")
     axes[0].invert_yaxis()  # first comparison on top, as in the table (shared y: once)

@@ -238,3 +238,11 @@ def test_the_boundary_analysis_keeps_the_methods_asked_for_and_names_those_there
     assert [r.name for r in boundary.select_methods(runs, ["eto", "coevo", "best_of_n"])] == ["coevo-seed0", "eto-seed0"]
     with pytest.raises(NoRunsError, match="methods there: coevo, eto, rft"):
         boundary.select_methods(runs, ["coevo_lsft0"])
+
+
+def test_paired_difference_labels_name_the_seeds_only_when_rows_differ_in_them():
+    summary = pd.DataFrame({"comparison": ["eto − sft", "eto − sft", "coevo − sft"], "seeds": [1, 1, 3]})
+    comparisons = ["eto − sft", "coevo − sft"]
+    assert plots.comparison_labels(summary, comparisons) == ["eto − sft (1 seed)", "coevo − sft (3 seeds)"]
+    summary["seeds"] = 3
+    assert plots.comparison_labels(summary, comparisons) == comparisons
