@@ -91,7 +91,7 @@ def comparison_labels(summary: pd.DataFrame, comparisons: list[str]) -> list[str
     seeds = summary.groupby("comparison")["seeds"].max()
     if seeds.nunique() <= 1:
         return comparisons
-    return [f"{c} ({seeds[c]} seed{'' if seeds[c] == 1 else 's'})" for c in comparisons]
+    return [f"{c} ({paired.seeds_phrase(seeds[c])})" for c in comparisons]
 
 
 def paired_differences(summary: pd.DataFrame) -> Figure:
@@ -189,7 +189,8 @@ def threshold_curves(curve: pd.DataFrame) -> Figure:
             ax.plot(data["threshold"], data["share"], marker="o", color=color(method),
                     ls=AGENT_STYLES.get(agent, "-."), label=source)
         ax.set(title=f"iteration {iteration}", xlabel="threshold t", ylabel="share of failures with r >= t")
-    axes[len(iterations) - 1].legend(fontsize=7)
+    # One legend for all panels: a one-iteration method (rft) draws in iteration 1's panel only.
+    figure_legend(figure, axes[:len(iterations)], ncols=5)
     return figure
 
 

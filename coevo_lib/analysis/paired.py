@@ -58,6 +58,11 @@ class NotPairedError(ValueError):
 # -- per-task scores --------------------------------------------------------------------------
 
 
+def seeds_phrase(seeds: int) -> str:
+    """"1 seed", "3 seeds": how many seeds a comparison pairs over, as tables and figure labels say it."""
+    return f"{seeds} seed{'' if seeds == 1 else 's'}"
+
+
 def load_task_scores(run_dirs: Iterable[Path]) -> pd.DataFrame:
     """Each run's final evaluation: one row per run, split and task (see task_scores), with the run's env."""
     run_dirs = list(run_dirs)

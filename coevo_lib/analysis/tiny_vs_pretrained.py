@@ -45,7 +45,7 @@ def difference_rows(runs: Sequence[Path]) -> list[Row]:
     summary = paired.paired_differences(scores, REFERENCES)
     reward = summary[summary["metric"] == "reward"]
     return [(f"{r.comparison} {paired.METRICS['reward']}", r.split,
-             f"{r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}], MDE {r.mde:.1f} ({r.seeds} seeds)")
+             f"{r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}], MDE {r.mde:.1f} ({paired.seeds_phrase(r.seeds)})")
             for r in reward.itertuples()]
 
 
