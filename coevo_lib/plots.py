@@ -99,6 +99,7 @@ def paired_differences(summary: pd.DataFrame) -> Figure:
     if summary.empty:
         return empty(paired.NO_COMPARISON)
     splits, labels = sorted(summary["split"].unique()), list(dict.fromkeys(summary["comparison"]))
+    tick_labels = comparison_labels(summary, labels)
     panels = [(metric, split) for metric in dict.fromkeys(summary["metric"]) for split in splits]
     figure, axes = panel_grid(len(panels), len(splits), 4.6, 0.3 * len(labels) + 1.4, sharey=True)
     for index, (ax, (metric, split)) in enumerate(zip(axes, panels)):
@@ -109,7 +110,7 @@ def paired_differences(summary: pd.DataFrame) -> Figure:
             ax.errorbar(row.difference, yi, xerr=[[row.difference - row.ci_low], [row.ci_high - row.difference]],
                         fmt="o", ms=4, capsize=3, color=color(row.method), mfc="white" if row.se == 0 else None)
         ax.axvline(0.0, color="black", lw=0.8)
-        ax.set_yticks(range(len(labels)), comparison_labels(summary, labels), fontsize=8)
+        ax.set_yticks(range(len(labels)), tick_labels, fontsize=8)
         ax.tick_params(axis="y", labelleft=index % len(splits) == 0)
         ax.set(title=f"{split}: {metric}", xlabel=f"difference in {paired.METRICS[metric]}, 95% CI")
     axes[0].invert_yaxis()  # first comparison on top, as in the table (shared y: once)

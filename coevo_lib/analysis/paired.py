@@ -58,11 +58,6 @@ class NotPairedError(ValueError):
 # -- per-task scores --------------------------------------------------------------------------
 
 
-def seeds_phrase(seeds: int) -> str:
-    """"1 seed", "3 seeds": how many seeds a comparison pairs over, as tables and figure labels say it."""
-    return f"{seeds} seed{'' if seeds == 1 else 's'}"
-
-
 def load_task_scores(run_dirs: Iterable[Path]) -> pd.DataFrame:
     """Each run's final evaluation: one row per run, split and task (see task_scores), with the run's env."""
     run_dirs = list(run_dirs)
@@ -287,6 +282,11 @@ def summary_row(method: str, reference: str, split: str, metric: str, pairs: pd.
             "ci_high": result.estimate + result.half_width, "ci95": result.half_width, "se": result.se,
             "df": result.df, "mde": result.mde, "unpaired_ci95": unpaired_half_width(pairs, metric),
             "seeds": result.seeds, "tasks": result.tasks, "design": result.design}
+
+
+def seeds_phrase(seeds: int) -> str:
+    """"1 seed", "3 seeds": how many seeds a comparison pairs over, as tables and figure labels say it."""
+    return f"{seeds} seed{'' if seeds == 1 else 's'}"
 
 
 def differences_table(summary: pd.DataFrame) -> pd.DataFrame:

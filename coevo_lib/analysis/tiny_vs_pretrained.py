@@ -44,9 +44,8 @@ def difference_rows(runs: Sequence[Path]) -> list[Row]:
     scores = sensitivity.without_sweep(paired.load_task_scores(runs))
     summary = paired.paired_differences(scores, REFERENCES)
     reward = summary[summary["metric"] == "reward"]
-    return [(f"{r.comparison} {paired.METRICS['reward']}", r.split,
-             f"{r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}], MDE {r.mde:.1f} ({paired.seeds_phrase(r.seeds)})")
-            for r in reward.itertuples()]
+    return [(f"{r.comparison} {paired.METRICS['reward']}", r.split, f"{r.difference:+.1f} [{r.ci_low:+.1f}, "
+             f"{r.ci_high:+.1f}], MDE {r.mde:.1f} ({paired.seeds_phrase(r.seeds)})") for r in reward.itertuples()]
 
 
 def drift_rows(episodes: pd.DataFrame) -> list[Row]:
