@@ -176,6 +176,32 @@ def test_boundary_work_shared_between_runs_and_processes_equals_each_run_scored_
         pd.testing.assert_frame_equal(shared, alone[run.name], rtol=1e-5)  # thread counts reorder float sums
 
 
+def test_boundary_cache_is_scored_again_when_the_pool_grows(smoke_study, tmp_path):
+    """A study run in parts: eto's margins scored while it is alone, then coevo's run joins the pool."""
+    import json as json_module
+
+    from coevo_lib.analysis import boundary
+    from coevo_lib.analysis.loading import BOUNDARY_FILE
+
+    root = tmp_path / "runs"
+    shutil.copytree(smoke_study / "runs", root, symlinks=True)
+    eto, meta = root / "eto-seed0" / BOUNDARY_FILE, (root / "eto-seed0" / BOUNDARY_FILE).with_suffix(".json")
+
+    def pool_of_eto() -> list[str]:
+        return json_module.loads(meta.read_text())["inputs"]["pool"]
+
+    boundary.compute_boundaries(root, force=True, max_negatives=20, methods=["eto"])
+    assert pool_of_eto() == ["eto-seed0"]
+    written = eto.stat().st_mtime_ns
+    boundary.compute_boundaries(root, max_negatives=20, methods=["eto"])  # same pool: the cache holds
+    assert eto.stat().st_mtime_ns == written
+    boundary.compute_boundaries(root, max_negatives=20)  # coevo joins: eto's file is stale
+    assert pool_of_eto() == ["coevo-seed0", "eto-seed0"]
+    assert set(pd.read_json(eto, lines=True)["negative_run"]) >= {"coevo-seed0"}
+    boundary.compute_boundaries(root, max_negatives=30)  # another cap: stale too
+    assert json_module.loads(meta.read_text())["inputs"]["max_negatives"] == 30
+
+
 def test_boundary_margins_and_figures_written(smoke_study):
     for entry in ("eto", "coevo"):
         assert (smoke_study / "runs" / f"{entry}-seed0" / "analysis" / "boundary.jsonl").stat().st_size > 0

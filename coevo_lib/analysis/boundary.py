@@ -26,12 +26,13 @@ Two confounds, and the views that hold them fixed:
 Step view (the headline view): at the first step where the negative's actions leave the expert's,
 both assistant turns are scored given the expert's prefix (same actions and observations up to
 there): ``step_gap`` = log pi(expert turn) - log pi(negative turn). Loading models makes this a cached
-step: ``<run>/analysis/boundary.jsonl`` is written atomically and skipped when present; figures only
-read it. Summaries of the rows are in coevo_lib.analysis.boundary_views.
+step: ``<run>/analysis/boundary.jsonl`` is written atomically and skipped while what it was scored on (the
+pool of runs, splits, task and negative caps: ``boundary_inputs``) is unchanged; figures only read it. Summaries of the rows are in coevo_lib.analysis.boundary_views.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from coevo_lib.analysis.negatives import (Negative, capped_per_source, compatibl
                                           natural_negatives, perturbed_negatives)
 from coevo_lib.pairs import make_pair
 from coevo_lib.records import HARD_NEGATIVE_MIN, Episode, Pair, write_json_atomic, write_jsonl_atomic
+from coevo_lib.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -296,17 +298,18 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
 
     ``shared`` carries negatives and SFT scores from run to run (compute_boundaries passes one).
     """
-    from coevo_lib.runs import RunDir
     from coevo_lib.seeding import quiet_libraries
 
     run_dir = Path(run_dir)
     out = run_dir / BOUNDARY_FILE
-    if out.exists() and not force:
+    pool = [Path(p) for p in pool]
+    config = RunDir(run_dir).load_config()
+    inputs = boundary_inputs(run_dir, pool, config, max_negatives)
+    if not force and boundary_current(run_dir, inputs):
         return out
     quiet_libraries()
     shared = SharedWork() if shared is None else shared
-    config = RunDir(run_dir).load_config()
-    items_key, items = run_items(run_dir, [Path(p) for p in pool], config, max_negatives, shared)
+    items_key, items = run_items(run_dir, pool, config, max_negatives, shared)
     checkpoints = target_checkpoints(run_dir, run_info(run_dir)["iterations"])
     identities = {k: model_identity(run_dir, "target", k) for k in checkpoints}  # reads stage markers: once
     token_cache = shared.tokens.setdefault(identities[0], {})
@@ -320,7 +323,7 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
     rows = [margin_row(item, k, scores[k][i], scores[0][i], config.dpo.beta, identities[k])
             for k in sorted(scores) for i, item in enumerate(items)]
     write_json_atomic(out.with_suffix(".json"), {
-        "reference": "sft checkpoint", "beta": config.dpo.beta, "negatives": len(items),
+        "reference": "sft checkpoint", "beta": config.dpo.beta, "inputs": inputs, "negatives": len(items),
         "max_negatives_per_source": max_negatives, "negative_runs": sorted({i.negative_run for i in items} - {""}),
         "sources": {s: sum(i.source == s for i in items) for s in sorted({i.source for i in items})},
         "checkpoints": {k: str(p) for k, p in checkpoints.items()}})
@@ -328,6 +331,27 @@ def compute_boundary(run_dir: str | Path, pool: Iterable[str | Path] = (), force
     log.info("boundary margins of %s: %d pairs x %d checkpoints (%d scored before, by a run with the same model)",
              run_dir.name, len(items), len(checkpoints), reused)
     return out
+
+
+def boundary_inputs(run_dir: Path, pool: Iterable[Path], config, max_negatives: int | None) -> dict[str, Any]:
+    """What a run's margins were scored on besides its own checkpoints: the runs its negatives are drawn from
+    (by name: a moved runs root stays current), the evaluated splits and the caps."""
+    return {"pool": [run.name for run in compatible_runs(run_dir, pool)], "splits": list(config.eval.splits),
+            "max_tasks": config.eval.max_tasks, "max_negatives": max_negatives}
+
+
+def boundary_current(run_dir: Path, inputs: dict[str, Any]) -> bool:
+    """Whether ``run_dir``'s cached margins were scored on ``inputs``. A study run in parts adds runs to the
+    pool after earlier runs were scored: their files are then stale, and are scored again (logged)."""
+    out, meta = run_dir / BOUNDARY_FILE, (run_dir / BOUNDARY_FILE).with_suffix(".json")
+    if not (out.exists() and meta.exists()):
+        return False
+    stored = json.loads(meta.read_text()).get("inputs")
+    if stored != inputs:
+        log.info("boundary margins of %s are stale (scored on %s, now %s): scoring them again",
+                 run_dir.name, stored or "inputs not recorded", inputs)
+        return False
+    return True
 
 
 def compute_boundaries(runs_root: str | Path, force: bool = False, max_negatives: int | None = MAX_NEGATIVES,
@@ -341,7 +365,8 @@ def compute_boundaries(runs_root: str | Path, force: bool = False, max_negatives
     once. A run whose file is written stays written if another fails.
     """
     runs = select_methods(require_runs(runs_root), methods)  # NoRunsError: one line in a notebook
-    todo = [run for run in runs if force or not (run / BOUNDARY_FILE).exists()]
+    todo = [run for run in runs if force or not boundary_current(
+        run, boundary_inputs(run, runs, RunDir(run).load_config(), max_negatives))]
     batches = worker_batches(todo, workers)
     if len(batches) <= 1:
         boundary_batch(todo, runs, force, max_negatives)
