@@ -178,17 +178,16 @@ def test_boundary_work_shared_between_runs_and_processes_equals_each_run_scored_
 
 def test_boundary_cache_is_scored_again_when_the_pool_grows(smoke_study, tmp_path):
     """A study run in parts: eto's margins scored while it is alone, then coevo's run joins the pool."""
-    import json as json_module
-
     from coevo_lib.analysis import boundary
     from coevo_lib.analysis.loading import BOUNDARY_FILE
 
     root = tmp_path / "runs"
     shutil.copytree(smoke_study / "runs", root, symlinks=True)
-    eto, meta = root / "eto-seed0" / BOUNDARY_FILE, (root / "eto-seed0" / BOUNDARY_FILE).with_suffix(".json")
+    eto = root / "eto-seed0" / BOUNDARY_FILE
+    meta = eto.with_suffix(".json")
 
     def pool_of_eto() -> list[str]:
-        return json_module.loads(meta.read_text())["inputs"]["pool"]
+        return json.loads(meta.read_text())["inputs"]["pool"]
 
     boundary.compute_boundaries(root, force=True, max_negatives=20, methods=["eto"])
     assert pool_of_eto() == ["eto-seed0"]
@@ -199,7 +198,7 @@ def test_boundary_cache_is_scored_again_when_the_pool_grows(smoke_study, tmp_pat
     assert pool_of_eto() == ["coevo-seed0", "eto-seed0"]
     assert set(pd.read_json(eto, lines=True)["negative_run"]) >= {"coevo-seed0"}
     boundary.compute_boundaries(root, max_negatives=30)  # another cap: stale too
-    assert json_module.loads(meta.read_text())["inputs"]["max_negatives"] == 30
+    assert json.loads(meta.read_text())["inputs"]["max_negatives"] == 30
 
 
 def test_boundary_margins_and_figures_written(smoke_study):

@@ -27,7 +27,8 @@ Step view (the headline view): at the first step where the negative's actions le
 both assistant turns are scored given the expert's prefix (same actions and observations up to
 there): ``step_gap`` = log pi(expert turn) - log pi(negative turn). Loading models makes this a cached
 step: ``<run>/analysis/boundary.jsonl`` is written atomically and skipped while what it was scored on (the
-pool of runs, splits, task and negative caps: ``boundary_inputs``) is unchanged; figures only read it. Summaries of the rows are in coevo_lib.analysis.boundary_views.
+pool of runs, splits, task and negative caps: ``boundary_inputs``) is unchanged; figures only read it.
+Summaries of the rows are in coevo_lib.analysis.boundary_views.
 """
 
 from __future__ import annotations
@@ -369,7 +370,7 @@ def compute_boundaries(runs_root: str | Path, force: bool = False, max_negatives
         run, boundary_inputs(run, runs, RunDir(run).load_config(), max_negatives))]
     batches = worker_batches(todo, workers)
     if len(batches) <= 1:
-        boundary_batch(todo, runs, force, max_negatives)
+        boundary_batch(todo, runs, max_negatives)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -378,7 +379,7 @@ def compute_boundaries(runs_root: str | Path, force: bool = False, max_negatives
         # spawn, not fork: the parent (often a Jupyter kernel) has torch's thread pools running.
         with ProcessPoolExecutor(len(batches), mp_context=multiprocessing.get_context("spawn"),
                                  initializer=set_torch_threads, initargs=(threads,)) as executor:
-            futures = [executor.submit(boundary_batch, batch, runs, force, max_negatives) for batch in batches]
+            futures = [executor.submit(boundary_batch, batch, runs, max_negatives) for batch in batches]
             for future in futures:
                 for name in future.result():
                     log.info("boundary margins of %s written", name)
@@ -424,9 +425,10 @@ def set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def boundary_batch(batch: list[Path], pool: list[Path], force: bool, max_negatives: int | None) -> list[str]:
-    """compute_boundaries' work on ``batch`` in this process, sharing its work; the names of the runs it wrote."""
+def boundary_batch(batch: list[Path], pool: list[Path], max_negatives: int | None) -> list[str]:
+    """compute_boundaries' work on ``batch`` in this process, sharing its work; the names of the runs it wrote.
+    ``batch`` holds runs compute_boundaries found stale or was told to force: each is scored, not checked again."""
     shared = SharedWork()
     for run in batch:
-        compute_boundary(run, pool=pool, force=force, max_negatives=max_negatives, shared=shared)
+        compute_boundary(run, pool=pool, force=True, max_negatives=max_negatives, shared=shared)
     return [run.name for run in batch]
