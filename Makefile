@@ -90,8 +90,8 @@ study-sensitivity: setup ## the lambda_SFT / pair-mix / failure-agent-loss sweep
 	$(BIN)/coevo study configs/studies/sensitivity.yaml
 
 .PHONY: study-baselines
-study-baselines: setup ## SRLM and Agent-R beside sft / eto / eto_sft in study-results' runs (5 seeds; docs/baselines.md)
-	$(BIN)/coevo study configs/studies/baselines.yaml
+study-baselines: setup ## SRLM and Agent-R beside sft / rft / eto / eto_sft / coevo in runs/baselines, figures/baselines/ (5 seeds; SEEDS="0 1" runs a part)
+	$(BIN)/coevo study configs/studies/baselines.yaml $(if $(SEEDS),--seeds $(SEEDS))
 
 study-full: setup ## the fuller embedded study: every method x 3 seeds
 	$(BIN)/coevo study configs/studies/minishop.yaml

@@ -66,8 +66,15 @@ def test_results_and_sensitivity_studies_agree_on_their_shared_settings():
     # The sweep pairs its variants with the results study's runs in the same runs_root: same sizes, same SFT.
     results, sweep = load_study("configs/studies/results.yaml"), load_study("configs/studies/sensitivity.yaml")
     assert results.runs_root == sweep.runs_root and results.overrides == sweep.overrides
-    baselines = load_study("configs/studies/baselines.yaml")  # SRLM and Agent-R, paired with the same runs
-    assert results.runs_root == baselines.runs_root and results.overrides == baselines.overrides
+    # SRLM and Agent-R: the same settings and the results study's recipes for the methods both run, but their
+    # own runs root, so that drawing them never redraws figures/results/ without its ablation rows.
+    baselines = load_study("configs/studies/baselines.yaml")
+    assert results.overrides == baselines.overrides
+    assert study_runs_root(baselines).name == "baselines" != study_runs_root(results).name
+    recipes = {entry.name: (entry.recipe, entry.overrides) for entry in results.entries}
+    shared = [entry for entry in baselines.entries if entry.name in recipes]
+    assert {e.name for e in shared} >= {"sft", "eto", "eto_sft", "coevo"}
+    assert all((e.recipe, e.overrides) == recipes[e.name] for e in shared)
     assert len(results.seeds) >= 5 and results.overrides["rollout.samples_per_task"] > 1
 
 
