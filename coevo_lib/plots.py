@@ -21,7 +21,7 @@ from coevo_lib.analysis import paired, sensitivity as sweep  # the module; plots
 
 METHOD_COLORS = {"sft": "#7f7f7f", "rft": "#bcbd22", "best_of_n": "#17becf", "eto": "#1f77b4",
                  "eto_sft": "#9edae5", "coevo": "#d62728", "coevo_frozen_failure": "#ff7f0e",
-                 "positive_agent": "#2ca02c"}
+                 "positive_agent": "#2ca02c", "srlm": "#9467bd", "agent_r": "#8c564b"}
 AGENT_STYLES = {"target": "-", "failure": "--", "positive": ":"}
 CLASS_COLORS = {"hard negative": "#d62728", "ordinary failure": "#7f7f7f"}
 
@@ -36,7 +36,8 @@ class NotebookFigure(Figure):
 
 
 def color(method: str) -> str:
-    return METHOD_COLORS.get(method, "#9467bd")
+    # Methods without a colour of their own (new methods, sensitivity variants) share black.
+    return METHOD_COLORS.get(method, "#000000")
 
 
 def grid(rows: int, cols: int, width: float = 4.0, height: float = 3.0, **kwargs) -> tuple[Figure, np.ndarray]:
