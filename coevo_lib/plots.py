@@ -456,7 +456,8 @@ def compute_bars(compute: pd.DataFrame) -> Figure:
     """Mean per run of tokens generated, tokens trained and wall time, per method."""
     if compute.empty:
         return empty("no metrics")
-    panels = [("rollout_tokens", "rollout tokens generated"), ("eval_tokens", "evaluation tokens generated"),
+    panels = [("training_tokens_generated", "tokens generated for training data"),
+              ("eval_tokens", "evaluation tokens generated"),
               ("tokens_trained", "tokens trained"), ("wall_min", "wall time (min)")]
     figure, axes = panel_grid(len(panels), 2, 3.6, 3.0)
     for ax, (column, title) in zip(axes, panels):

@@ -219,9 +219,21 @@ def test_compute_table_sums_stages_per_run():
         {"run": "r", "method": "eto", "seed": 0, "stage": "it1-train-target", "iteration": 1, "tokens_trained": 20,
          "stage_wall_s": 12.0}])
     row = tables.compute_table(metrics).iloc[0]
-    assert (row["rollout_tokens"], row["eval_tokens"], row["tokens_trained"], row["wall_min"]) == (50, 7, 120, 1.0)
+    assert (row["training_tokens_generated"], row["eval_tokens"], row["tokens_trained"], row["wall_min"]) == (
+        50, 7, 120, 1.0)
     by_iteration = tables.compute_by_iteration(metrics).set_index("iteration")
     assert by_iteration.loc[1, "tokens_trained"] == 20 and by_iteration.loc[0, "stage_wall_s"] == 36.0
+
+
+def test_compute_table_counts_judge_search_and_verifier_generations_as_training_side():
+    # SRLM's judge and Agent-R's search and verifier generate text to build training data, as rollouts do.
+    stages = [("it1-rollout-target", 40), ("it1-judge-target", 30), ("it1-search-target", 200),
+              ("it1-revise-target", 9), ("it1-eval", 0)]
+    metrics = pd.DataFrame([{"run": "r", "method": "agent_r", "seed": 0, "stage": stage, "iteration": 1,
+                             "tokens_generated": tokens, "test_seen_tokens_generated": 5 if "eval" in stage else None,
+                             "stage_wall_s": 1.0} for stage, tokens in stages])
+    row = tables.compute_table(metrics).iloc[0]
+    assert (row["training_tokens_generated"], row["eval_tokens"]) == (279, 5)
 
 
 def test_markdown_table():

@@ -114,25 +114,31 @@ def stage_family(stage: str) -> str:
     return parts[1] if stage.startswith("it") and len(parts) > 1 else stage
 
 
+# Stages that generate text to build training data: every method's rollouts, SRLM's judge, Agent-R's tree
+# search and step verifier. Counting rollouts alone showed Agent-R generating nothing for training.
+TRAINING_GENERATION_FAMILIES = ("rollout", "judge", "search", "revise")
+COMPUTE_COLUMNS = ["training_tokens_generated", "eval_tokens", "tokens_trained", "stage_wall_s"]
+
+
 def run_compute(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per run and iteration: tokens generated (rollouts, evaluation), tokens trained, wall time."""
+    """Per run and iteration: tokens generated (for training data, in evaluation), tokens trained, wall time."""
     data = metrics.copy()
     family = data["stage"].map(stage_family)
     eval_token_columns = [c for c in data.columns if c.endswith("_tokens_generated")]
     generated = data["tokens_generated"] if "tokens_generated" in data else pd.Series(0.0, index=data.index)
-    data["rollout_tokens"] = generated.where(family == "rollout", 0.0).fillna(0.0)
+    data["training_tokens_generated"] = generated.where(family.isin(TRAINING_GENERATION_FAMILIES), 0.0).fillna(0.0)
     data["eval_tokens"] = data[eval_token_columns].fillna(0.0).sum(axis=1) if eval_token_columns else 0.0
     data["tokens_trained"] = data["tokens_trained"].fillna(0.0) if "tokens_trained" in data else 0.0
     data["iteration"] = data["iteration"].fillna(0).astype(int)
-    columns = ["rollout_tokens", "eval_tokens", "tokens_trained", "stage_wall_s"]
-    return data.groupby(["run", "method", "seed", "iteration"], sort=True)[columns].sum().reset_index()
+    return data.groupby(["run", "method", "seed", "iteration"], sort=True)[COMPUTE_COLUMNS].sum().reset_index()
 
 
 def compute_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per method: mean over seeds of each run's total tokens generated, tokens trained and wall time."""
     per_run = run_compute(metrics).groupby(["run", "method", "seed"]).sum(numeric_only=True).reset_index()
     table = per_run.groupby("method").agg(
-        runs=("run", "size"), rollout_tokens=("rollout_tokens", "mean"), eval_tokens=("eval_tokens", "mean"),
+        runs=("run", "size"), training_tokens_generated=("training_tokens_generated", "mean"),
+        eval_tokens=("eval_tokens", "mean"),
         tokens_trained=("tokens_trained", "mean"), wall_s=("stage_wall_s", "mean")).reset_index()
     table["wall_min"] = table["wall_s"] / 60.0
     return order_methods(table.drop(columns="wall_s").round({"wall_min": 2}))
@@ -141,8 +147,7 @@ def compute_table(metrics: pd.DataFrame) -> pd.DataFrame:
 def compute_by_iteration(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per method and iteration (0 = base, experts, SFT and its evaluation): means over seeds."""
     per_iteration = run_compute(metrics)
-    columns = ["rollout_tokens", "eval_tokens", "tokens_trained", "stage_wall_s"]
-    return order_methods(per_iteration.groupby(["method", "iteration"])[columns].mean().reset_index())
+    return order_methods(per_iteration.groupby(["method", "iteration"])[COMPUTE_COLUMNS].mean().reset_index())
 
 
 ROLLOUT_COLUMNS = ("run", "iteration", "agent", "episodes", "successes", "failures", "hard_negatives",
