@@ -90,7 +90,7 @@ study-sensitivity: setup ## the lambda_SFT / pair-mix / failure-agent-loss sweep
 	$(BIN)/coevo study configs/studies/sensitivity.yaml
 
 .PHONY: study-baselines
-study-baselines: setup ## SRLM and Agent-R beside sft / rft / eto / eto_sft / coevo in runs/baselines, figures/baselines/ (5 seeds; SEEDS="0 1" runs a part)
+study-baselines: setup ## SRLM and Agent-R beside sft / rft / eto / eto_sft / coevo in runs/baselines, figures/baselines/ (5 seeds, 1 h 52 min measured; SEEDS="0 1" runs a part)
 	$(BIN)/coevo study configs/studies/baselines.yaml $(if $(SEEDS),--seeds $(SEEDS))
 
 study-full: setup ## the fuller embedded study: every method x 3 seeds
