@@ -135,7 +135,8 @@ PRODUCTS = [
     Product("ablation_table.md", "coevo vs w/o co-evolution (frozen failure agent) vs w/o failure agent "
             "(positive agent): final reward (x100).", lambda f: md(tables.wide(tables.ablation_table(f.evals)))),
     Product("compute_table.md", "Per method, mean per run: tokens generated for training data (rollouts, SRLM's "
-            "judge, Agent-R's search and verifier) and in evaluation, tokens trained, wall time.", lambda f: md(tables.compute_table(f.metrics))),
+            "judge, Agent-R's search and verifier) and in evaluation, tokens trained, wall time.",
+            lambda f: md(tables.compute_table(f.metrics))),
     Product("compute_by_iteration.md", "The same compute accounting per iteration (0 = base, experts, SFT).",
             lambda f: md(tables.compute_by_iteration(f.metrics))),
     Product("compute.png", "Compute per method (bars of compute_table.md).",
