@@ -10,7 +10,7 @@ from typing import Iterable
 import pandas as pd
 
 from coevo_lib.analysis.loading import EVAL_FILE, find_runs, frame, run_info, with_run
-from coevo_lib.analysis.tables import order_methods, stage_family
+from coevo_lib.analysis.tables import TRAINING_GENERATION_FAMILIES, order_methods, stage_family
 from coevo_lib.envs.base import NOOP_ACTION
 from coevo_lib.records import read_jsonl
 
@@ -49,7 +49,7 @@ def interaction_table(metrics: pd.DataFrame) -> pd.DataFrame:
     the training-side stages (rollouts, SRLM's judge, Agent-R's search and verifier; evaluation excluded)."""
     data = metrics.copy()
     data["family"] = data["stage"].map(stage_family)
-    data = data[data["family"].isin(("rollout", "judge", "search", "revise"))]
+    data = data[data["family"].isin(TRAINING_GENERATION_FAMILIES)]
     if data.empty:
         return pd.DataFrame(columns=["method", "iteration", "stage", *INTERACTION_COLUMNS])
     for column in INTERACTION_COLUMNS:

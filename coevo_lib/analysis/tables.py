@@ -137,11 +137,9 @@ def compute_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per method: mean over seeds of each run's total tokens generated, tokens trained and wall time."""
     per_run = run_compute(metrics).groupby(["run", "method", "seed"]).sum(numeric_only=True).reset_index()
     table = per_run.groupby("method").agg(
-        runs=("run", "size"), training_tokens_generated=("training_tokens_generated", "mean"),
-        eval_tokens=("eval_tokens", "mean"),
-        tokens_trained=("tokens_trained", "mean"), wall_s=("stage_wall_s", "mean")).reset_index()
-    table["wall_min"] = table["wall_s"] / 60.0
-    return order_methods(table.drop(columns="wall_s").round({"wall_min": 2}))
+        runs=("run", "size"), **{column: (column, "mean") for column in COMPUTE_COLUMNS}).reset_index()
+    table["wall_min"] = table["stage_wall_s"] / 60.0
+    return order_methods(table.drop(columns="stage_wall_s").round({"wall_min": 2}))
 
 
 def compute_by_iteration(metrics: pd.DataFrame) -> pd.DataFrame:
