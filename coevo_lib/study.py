@@ -19,7 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +60,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 # jupyter_client provisions CurveZMQ keys when the kernelspec declares it can use them (ipykernel's does):
 # the kernel's sockets are encrypted, and ipykernel no longer warns once per notebook that they run over
 # plain-text TCP. A kernel that cannot encrypt starts as before, and its warning then still shows.
-ENCRYPTED_KERNEL = Config({"KernelManager": {"transport_encryption": "auto"}})
+ENCRYPTED_KERNEL = {"transport_encryption": "auto"}
 
 ANALYSIS_NOTEBOOKS = ["notebooks/20-hard-negatives.ipynb", "notebooks/30-decision-boundary.ipynb",
                       "notebooks/40-results.ipynb"]
@@ -174,9 +177,26 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
     from coevo_lib.progress import text_progress
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with text_progress():
+    with text_progress(), kernel_config() as config:
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=execution_kernel(),
-                                   cwd=str(project_root()), progress_bar=False, config=ENCRYPTED_KERNEL)
+                                   cwd=str(project_root()), progress_bar=False, config=config)
+
+
+@contextmanager
+def kernel_config() -> Iterator[Config]:
+    """The kernel manager's settings for one notebook: encrypted sockets, on Unix domain sockets where there are.
+
+    Over TCP, jupyter_client picks each kernel's ports by binding port 0 and closing it, then the kernel binds
+    them. Two study workers starting kernels at once can be handed the same port, or see it taken by another
+    kernel's client connection in between: the kernel dies with "Address already in use" and papermill waits
+    60 s for it (CI failed so, 2026-12-07). Unix sockets in a directory of this kernel's own cannot collide.
+    """
+    if os.name == "nt":  # ZeroMQ has no ipc transport on Windows
+        yield Config({"KernelManager": ENCRYPTED_KERNEL})
+        return
+    # A short path: a Unix socket's address is limited to ~104-108 bytes.
+    with tempfile.TemporaryDirectory(prefix="coevo-kernel-") as sockets:
+        yield Config({"KernelManager": {**ENCRYPTED_KERNEL, "transport": "ipc", "ip": str(Path(sockets) / "k")}})
 
 
 def notebook_failure(what: str, notebook: Path, output: Path, error: Exception) -> str:

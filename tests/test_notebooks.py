@@ -228,6 +228,22 @@ def test_analysis_notebook_without_runs_stops_at_the_one_line_message(tmp_path, 
     assert not (tmp_path / "no-runs").exists()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="ZeroMQ has no ipc transport on Windows")
+def test_notebook_kernels_listen_on_their_own_unix_sockets_not_tcp_ports(tmp_path):
+    """Two study workers starting kernels at once could be handed the same TCP port (CI: "Address already in
+    use", then a 60 s wait and a failed run): each kernel listens on Unix sockets in a directory of its own,
+    removed when its notebook is done."""
+    cell = nbformat.v4.new_code_cell("import json\nfrom ipykernel import get_connection_info\n"
+                                     "info = json.loads(get_connection_info())\nprint(info['transport'], info['ip'])")
+    notebook = nbformat.v4.new_notebook(cells=[cell])
+    notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_NAME, "language": "python"}
+    nbformat.write(notebook, tmp_path / "where.ipynb")
+    execute(tmp_path / "where.ipynb", tmp_path / "out.ipynb", {})
+    transport, ip = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0].text.split()
+    assert transport == "ipc"
+    assert Path(ip).parent.name.startswith("coevo-kernel-") and not Path(ip).parent.exists()
+
+
 def test_notebook_runs_print_no_plain_tcp_warning(tmp_path, capfd):
     """ipykernel warned once per notebook that its sockets run over plain-text TCP (make demo printed it for
     every run): coevo's runner asks jupyter_client for an encrypted kernel, and the warning is gone."""
