@@ -461,7 +461,7 @@ class TrainLaunchConfig:
         metadata={"help": "accelerate launcher only: ddp | fsdp2 | zero3 (configs/accelerate/) or a config file "
                           "path; none = plain DDP"},
     )
-    main_process_port: int | None = field(default=None, metadata={"help": "rendezvous port (none: a free one)"})
+    main_process_port: int | None = field(default=None, metadata={"help": "rendezvous port (none: the launcher binds a free one itself)"})
     gradient_checkpointing: bool = field(
         default=True,
         metadata={"help": "recompute activations in the backward pass (trl's default): less memory, more compute; "

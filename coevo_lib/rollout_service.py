@@ -58,6 +58,7 @@ class RolloutService:
         if self.server is not None:
             stats.update(prefix_cache_delta(before, self.server.prefix_cache_stats()))
             stats["engine_restarts"] = self.server.restarts
+            stats["engine_port_retries"] = self.server.port_retries
         served = {"adapter": self.adapter} if self.adapter else {}
         return episodes, {"backend": self.config.rollout.backend, **served, **stats, **self.costs}
 

@@ -42,6 +42,7 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM 0.32 acce
 HEALTH_TIMEOUT_S = 5.0
 CONTROL_TIMEOUT_S = 600.0  # a weight reload reads a whole checkpoint from disk
 LOG_TAIL_LINES = 40
+PORT_RETRIES = 3  # starts on another port when the free one picked was taken before vLLM bound it
 
 
 class VLLMServerError(RuntimeError):
@@ -164,6 +165,7 @@ class VLLMServer:
         self.process: subprocess.Popen | None = None
         self.adapters: dict[str, str] = {}  # name -> path, loaded again after a restart
         self.restarts = 0
+        self.port_retries = 0  # starts repeated on another port after EADDRINUSE
 
     @property
     def base_url(self) -> str:
@@ -205,13 +207,29 @@ class VLLMServer:
         return {**env, **self.env}
 
     def start(self) -> float:
-        """Launch the server, wait until /health answers and load the adapters; seconds to ready."""
+        """Launch the server, wait until /health answers and load the adapters; seconds to ready.
+
+        A port picked free here can be taken by another process before vLLM binds it (two study workers
+        starting servers at once): vLLM then exits with EADDRINUSE, and it is launched again on another port,
+        PORT_RETRIES times at most, counted in ``port_retries``. A port the caller asked for is kept.
+        """
         if self.process is not None:
             raise VLLMServerError(f"vLLM server already running (pid {self.process.pid})")
         started = time.monotonic()
-        self.port = self.requested_port or free_port()
-        self.process = self.launch()
-        self.wait_until_ready(started)
+        for attempt in range(PORT_RETRIES + 1):
+            self.port = self.requested_port or free_port()
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self.process = self.launch()
+            try:
+                self.wait_until_ready(started)
+                break
+            except VLLMServerError:
+                if self.requested_port or attempt == PORT_RETRIES or not logged_since(self.log_path, logged,
+                                                                                        "address already in use"):
+                    raise
+                self.port_retries += 1
+                log.warning("vLLM server: port %d was taken before it bound it; starting it on another (retry %d)",
+                            self.port, self.port_retries)
         for name, path in self.adapters.items():
             self.post_adapter(name, path)
         return time.monotonic() - started
@@ -229,6 +247,7 @@ class VLLMServer:
                                     start_new_session=True, env=self.environment(), preexec_fn=on_parent_death)
 
     def wait_until_ready(self, started: float) -> None:
+        """Until /health answers; VLLMServerError (the server stopped) if it exits or start_timeout_s passes."""
         while not self.healthy():
             code = self.process.poll()
             waited = time.monotonic() - started
@@ -329,6 +348,13 @@ class VLLMServer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def logged_since(log_path: Path, since: int, text: str) -> bool:
+    """Whether ``text`` (any case) is in what was logged after byte ``since``."""
+    with log_path.open("rb") as log_file:
+        log_file.seek(since)
+        return text in log_file.read().decode(errors="replace").lower()
 
 
 def signal_group(pgid: int, signum: int) -> None:

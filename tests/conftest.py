@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -70,3 +71,13 @@ def vllm_bin():
         if os.environ.get("COEVO_REQUIRE_VLLM"):
             raise
         pytest.skip(f"{missing} (COEVO_REQUIRE_VLLM=1 makes this a failure)")
+
+
+@pytest.fixture()
+def taken_port():
+    """A port another socket holds, as a second study worker's server or rendezvous would, between its bind
+    and its listen: a bind there fails with EADDRINUSE, and a health probe is refused at once rather than
+    left waiting for its timeout."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]

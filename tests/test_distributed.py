@@ -23,6 +23,7 @@ from coevo_lib.models import load_model, load_tokenizer, save_agent
 from coevo_lib.records import read_jsonl
 from coevo_lib.runs import init_run_dir
 from coevo_lib.train import train_dpo, train_sft
+from coevo_lib.train import launch
 from coevo_lib.train.launch import StageLaunchError, launch_command, run_stage
 
 from conftest import make_episode
@@ -114,6 +115,28 @@ def test_torchrun_launcher_and_a_dying_rank_fail_the_stage_cleanly(stage_run):
     assert not run.checkpoint("sft-two.tmp").joinpath("model.safetensors").exists()
     assert not (run.sub("launch", "sft") / "stats.json").exists()
     assert "Traceback" in (run.sub("launch", "sft") / "launch.log").read_text()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_launchers_store_binds_its_own_port_so_a_port_taken_meanwhile_cannot_kill_the_stage(
+        stage_run, taken_port, monkeypatch, launcher):
+    """A port picked free by coevo and handed to the launcher could be taken before the launcher bound it
+    (two study workers launching stages at once): the launcher died of EADDRINUSE. Here every port coevo
+    would pick is taken; the stage still trains, its rendezvous store having bound a port itself."""
+    _, run = stage_run
+    monkeypatch.setattr(launch, "free_port", lambda: taken_port)
+    train = TrainLaunchConfig(launcher=launcher, num_processes=2)
+    assert not {str(taken_port)} & set(launch_command(train, Path("job.json")))
+    stats = launched("sft", run, shop_episodes(4), train=train)
+    assert stats["processes"] == 2 and stats["steps"] > 0
+
+
+def test_the_users_rendezvous_port_taken_fails_the_stage_without_retrying(stage_run, taken_port):
+    _, run = stage_run
+    train = TrainLaunchConfig(launcher="torchrun", num_processes=2, main_process_port=taken_port)
+    with pytest.raises(StageLaunchError, match="exited with code"):
+        launched("sft", run, shop_episodes(4), train=train)
+    assert (run.sub("launch", "sft") / "launch.log").read_text().count("\n=== ") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")

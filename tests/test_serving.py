@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+from coevo_lib import serving
 from coevo_lib.config import LoraConfig, TinyModelConfig
 from coevo_lib.models import wrap_lora
 from coevo_lib.serving import (
@@ -27,6 +29,7 @@ from coevo_lib.serving import (
     vllm_python,
 )
 from coevo_lib.tiny_model import build_tiny_model
+from coevo_lib.train.launch import free_port
 
 # head_dim = 64 / 2 = 32: vLLM's CPU attention rejects the tiny model's usual head sizes (24).
 SERVED_TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
@@ -224,3 +227,38 @@ def test_command_enables_prefix_caching_lora_and_lets_extra_args_override(tmp_pa
     env = server.environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
+
+
+# A stand-in for vLLM's API server that binds its port as vLLM does (SO_REUSEADDR, then bind: EADDRINUSE only
+# when another socket listens there) and answers /health: the port handling without a vLLM start.
+STAND_IN_SERVER = """
+import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+@pytest.fixture()
+def stand_in(monkeypatch, tmp_path):
+    monkeypatch.setattr(VLLMServer, "command", lambda self: [sys.executable, "-c", STAND_IN_SERVER, str(self.port)])
+    return lambda **kwargs: VLLMServer("unused", tmp_path / "server.log", python=Path(sys.executable),
+                                       max_model_len=64, start_timeout_s=30, **kwargs)
+
+
+def test_a_free_port_taken_before_the_server_binds_it_is_replaced_and_counted(stand_in, taken_port, monkeypatch):
+    offered = iter([taken_port])
+    monkeypatch.setattr(serving, "free_port", lambda: next(offered, None) or free_port())
+    server = stand_in()
+    with server:
+        assert server.port != taken_port and server.port_retries == 1 and server.alive()
+    assert "address already in use" in server.log_path.read_text().lower()
+
+
+def test_a_taken_port_the_caller_asked_for_is_an_error_naming_it(stand_in, taken_port):
+    server = stand_in(port=taken_port)
+    with pytest.raises(VLLMServerError, match="exited with code") as failure:
+        server.start()
+    assert "Address already in use" in str(failure.value) and server.port_retries == 0 and server.process is None

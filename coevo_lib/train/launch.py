@@ -73,12 +73,17 @@ def launch_command(train: TrainLaunchConfig, job_file: Path, machine_rank: int =
 
     A multi-node accelerate config file (num_machines > 1, main_process_ip) is launched as this
     node's share, ``machine_rank``; the other nodes run ``coevo_lib.train.follow`` (same file, same port).
+
+    On one node without train.main_process_port, the launcher's rendezvous store binds a free port itself
+    (torchrun --standalone, accelerate's port 0). A port picked here and handed over could be taken in
+    between by another study worker's stage, and the stage would die of EADDRINUSE.
     """
     worker = ["-m", "coevo_lib.train.worker", str(job_file)]
     processes = str(train.num_processes)
     if train.launcher == "torchrun":
+        port = ["--master_port", str(train.main_process_port)] if train.main_process_port else ["--standalone"]
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", processes,
-                "--master_port", str(train.main_process_port or free_port()), *worker]
+                *port, *worker]
     config_file = accelerate_config_file(train.accelerate_config)
     if machines(config_file) > 1:  # every node must meet on the file's (or train's) fixed port
         port = ["--main_process_port", str(train.main_process_port)] if train.main_process_port else []
@@ -88,7 +93,7 @@ def launch_command(train: TrainLaunchConfig, job_file: Path, machine_rank: int =
     setup = ["--config_file", str(config_file)] if config_file else [
         *(["--multi_gpu"] if train.num_processes > 1 else []), "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [sys.executable, "-m", "accelerate.commands.launch", *setup, "--num_processes", processes,
-            "--num_machines", "1", "--main_process_port", str(train.main_process_port or free_port()), *worker]
+            "--num_machines", "1", "--main_process_port", str(train.main_process_port or 0), *worker]
 
 
 def die_with_parent() -> None:
