@@ -62,6 +62,10 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 # plain-text TCP. A kernel that cannot encrypt starts as before, and its warning then still shows.
 ENCRYPTED_KERNEL = {"transport_encryption": "auto"}
 
+# What jupyter_client's KernelClient.wait_for_ready raises when a kernel never answers (8.x messages).
+KERNEL_START_FAILURES = ("Kernel didn't respond", "Kernel died before replying")
+KERNEL_START_RETRIES = 2
+
 ANALYSIS_NOTEBOOKS = ["notebooks/20-hard-negatives.ipynb", "notebooks/30-decision-boundary.ipynb",
                       "notebooks/40-results.ipynb"]
 
@@ -170,16 +174,36 @@ def execution_kernel() -> str:
     return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else FALLBACK_KERNEL
 
 
-def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
-    """Run a notebook with papermill; its progress bars print text lines (nobody watches widgets live)."""
+def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> int:
+    """Run a notebook with papermill; its progress bars print text lines (nobody watches widgets live).
+
+    A kernel that dies or hangs before it answers runs no cell, so another is started, KERNEL_START_RETRIES
+    times at most; returns how many were replaced (logged too). The last one's error is raised.
+    """
     import papermill
 
     from coevo_lib.progress import text_progress
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with text_progress(), kernel_config() as config:
-        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=execution_kernel(),
-                                   cwd=str(project_root()), progress_bar=False, config=config)
+    retries = 0
+    while True:
+        try:
+            with text_progress(), kernel_config() as config:
+                papermill.execute_notebook(str(notebook), str(output), parameters=parameters,
+                                           kernel_name=execution_kernel(), cwd=str(project_root()),
+                                           progress_bar=False, config=config)
+            return retries
+        except RuntimeError as error:
+            if not kernel_did_not_start(error) or retries == KERNEL_START_RETRIES:
+                raise
+            retries += 1
+            log.warning("notebook %s: its kernel did not start (%s); starting another (retry %d of %d)",
+                        notebook.name, error, retries, KERNEL_START_RETRIES)
+
+
+def kernel_did_not_start(error: Exception) -> bool:
+    """jupyter_client's wait_for_ready gave up: the kernel died or stayed silent before its first reply."""
+    return isinstance(error, RuntimeError) and str(error).startswith(KERNEL_START_FAILURES)
 
 
 @contextmanager
@@ -208,29 +232,32 @@ def notebook_failure(what: str, notebook: Path, output: Path, error: Exception) 
     return f"{what}: notebook {notebook.name} failed, {detail} (executed copy: {output})"
 
 
-def run_one(study: Study, run: PlannedRun) -> str | None:
-    """Execute the run notebook for one planned run; returns a failure message or None."""
+def run_one(study: Study, run: PlannedRun) -> tuple[str | None, int]:
+    """Execute the run notebook for one planned run: a failure message or None, and the kernels replaced."""
     notebook = resolve_path(study.run_notebook)
     output = run.run_dir / notebook.name
     try:
         if finished_and_current(run, study.smoke):
             log.info("study %s: %s is finished, skipped", study.name, run.label)
-            return None
+            return None, 0
     except ConfigError as error:
-        return f"run {run.label}: finished with another config, not rerun (delete the directory to rerun): {error}"
+        return f"run {run.label}: finished with another config, not rerun (delete the directory to rerun): {error}", 0
     log.info("study %s: running %s", study.name, run.label)
     parameters = {"recipe": str(run.recipe), "seed": run.seed, "overrides": run.overrides,
                   "run_dir": str(run.run_dir), "smoke": study.smoke}
     try:
-        execute(notebook, output, parameters)
+        return None, execute(notebook, output, parameters)
     except (PapermillExecutionError, DeadKernelError) as error:  # this run failed; the others go on
-        return notebook_failure(f"run {run.label}", notebook, output, error)
-    return None
+        return notebook_failure(f"run {run.label}", notebook, output, error), 0
+    except RuntimeError as error:
+        if not kernel_did_not_start(error):
+            raise
+        return notebook_failure(f"run {run.label}", notebook, output, error), KERNEL_START_RETRIES
 
 
-def run_analysis(study: Study) -> list[str]:
-    """Execute each analysis notebook into the study's runs_root; returns failure messages."""
-    root, failures = study_runs_root(study), []
+def run_analysis(study: Study) -> tuple[list[str], int]:
+    """Execute each analysis notebook into the study's runs_root: failure messages, and the kernels replaced."""
+    root, failures, replaced = study_runs_root(study), [], 0
     tiny = {"tiny_runs_root": str(resolve_path(study.tiny_runs_root))} if study.tiny_runs_root else {}
     for path in study.analysis:
         notebook = resolve_path(path)
@@ -239,10 +266,15 @@ def run_analysis(study: Study) -> list[str]:
         try:
             declared = declared_parameters(notebook)
             given = {k: v for k, v in {**study.analysis_parameters, **tiny}.items() if k in declared}
-            execute(notebook, output, {**given, "runs_root": str(root)})
+            replaced += execute(notebook, output, {**given, "runs_root": str(root)})
         except (PapermillExecutionError, DeadKernelError) as error:
             failures.append(notebook_failure(f"analysis of study {study.name}", notebook, output, error))
-    return failures
+        except RuntimeError as error:
+            if not kernel_did_not_start(error):
+                raise
+            failures.append(notebook_failure(f"analysis of study {study.name}", notebook, output, error))
+            replaced += KERNEL_START_RETRIES
+    return failures, replaced
 
 
 def declared_parameters(notebook: Path) -> set[str]:
@@ -271,18 +303,20 @@ def check_inputs(study: Study, runs: list[PlannedRun]) -> None:
                           f"notebook (declared: {sorted(declared)})")
 
 
-def run_all(study: Study, runs: list[PlannedRun]) -> list[str]:
-    """Every planned run, ``study.workers`` at a time, in plan order; failure messages in plan order.
+def run_all(study: Study, runs: list[PlannedRun]) -> tuple[list[str], int]:
+    """Every planned run, ``study.workers`` at a time, in plan order: failure messages in plan order, and
+    how many kernels were replaced for not starting.
 
     A seed's first run trains the SFT model its other runs share, so those wait for it. Otherwise the
     next run started is the first one ready in plan order (entry by entry), so a study cut short has
     its first entries for every seed rather than every entry for its first seeds.
     """
     if study.workers == 1:
-        return [message for run in runs if (message := run_one(study, run))]
+        outcomes = [run_one(study, run) for run in runs]
+        return [message for message, _ in outcomes if message], sum(replaced for _, replaced in outcomes)
     first_of_seed = {run.seed: index for index, run in reversed(list(enumerate(runs)))}
     seeds_started: set[int] = set()  # seeds whose first run has finished (or failed)
-    queue, in_flight, messages = list(enumerate(runs)), {}, {}
+    queue, in_flight, messages, replaced = list(enumerate(runs)), {}, {}, 0
 
     def startable(index: int, run: PlannedRun) -> bool:  # its seed's first run, or that one is done
         return first_of_seed[run.seed] == index or run.seed in seeds_started
@@ -302,9 +336,11 @@ def run_all(study: Study, runs: list[PlannedRun]) -> list[str]:
             for future in done:
                 index, run = in_flight.pop(future)
                 seeds_started.add(run.seed)
-                if message := future.result():
+                message, kernels = future.result()
+                replaced += kernels
+                if message:
                     messages[index] = message
-    return [messages[index] for index in sorted(messages)]
+    return [messages[index] for index in sorted(messages)], replaced
 
 
 def limit_threads(threads: int) -> None:
@@ -339,14 +375,15 @@ def run_study(study_file: str | Path, only: list[str] | None = None, workers: in
         raise ConfigError(f"--seeds names seeds the study does not plan: {unplanned}")
     selected = [r for r in planned if (not only or r.entry in only) and (not seeds or r.seed in seeds)] if runs else []
     check_inputs(study, selected)
-    failures = run_all(study, selected)
+    failures, replaced = run_all(study, selected)
     finished = any(is_finished(r.run_dir) for r in planned)
     if analysis and not finished:
         failures.append(f"study {study.name}: no finished run, analysis notebooks and figures skipped")
     elif analysis:
-        failures += run_analysis(study)
+        analysis_failures, analysis_replaced = run_analysis(study)
+        failures, replaced = failures + analysis_failures, replaced + analysis_replaced
         draw_figures(study)
-    report(study, selected if runs else planned, failures)
+    report(study, selected if runs else planned, failures, replaced)
     return 1 if failures else 0
 
 
@@ -360,8 +397,9 @@ def draw_figures(study: Study) -> None:
     log.info("study %s: %d figure and table files under %s", study.name, len(written), study.figures_dir)
 
 
-def report(study: Study, runs: list[PlannedRun], failures: list[str]) -> None:
+def report(study: Study, runs: list[PlannedRun], failures: list[str], kernels_replaced: int = 0) -> None:
     finished = sum(is_finished(r.run_dir) for r in runs)
-    print(f"study {study.name}: {finished}/{len(runs)} runs finished under {study_runs_root(study)}")
+    replaced = f"; {kernels_replaced} notebook kernels did not start and were replaced" if kernels_replaced else ""
+    print(f"study {study.name}: {finished}/{len(runs)} runs finished under {study_runs_root(study)}{replaced}")
     for message in failures:
         print(f"FAILED {message}", file=sys.stderr)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from coevo_lib import study as study_module
 from coevo_lib.analysis.loading import is_finished
 from coevo_lib.study import ANALYSIS_NOTEBOOKS, KERNEL_NAME, execute, run_study
 
@@ -226,6 +228,51 @@ def test_analysis_notebook_without_runs_stops_at_the_one_line_message(tmp_path, 
         execute(path.resolve(), tmp_path / path.name, {"runs_root": str(tmp_path / "no-runs")})
     assert failure.value.ename == "NoRunsError" and "no finished runs under" in failure.value.evalue
     assert not (tmp_path / "no-runs").exists()
+
+
+def dying_kernel(tmp_path: Path, monkeypatch, deaths: int) -> Path:
+    """A kernelspec, made the runner's kernel, whose first ``deaths`` kernels exit before they answer (as one
+    that cannot bind its sockets does); the ones after are ipykernel. Returns the file counting the starts."""
+    starts = tmp_path / "kernel-starts"
+    launcher = tmp_path / "dying_kernel.py"
+    launcher.write_text(f"import runpy, sys\nfrom pathlib import Path\nstarts = Path({str(starts)!r})\n"
+                        "with starts.open('a') as log:\n    log.write('start\\n')\n"
+                        f"if len(starts.read_text().splitlines()) <= {deaths}:\n    sys.exit(3)\n"
+                        "runpy.run_module('ipykernel_launcher', run_name='__main__')\n")
+    spec = tmp_path / "jupyter" / "kernels" / "dying"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, str(launcher), "-f", "{connection_file}"],
+                                                  "display_name": "dying", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setattr(study_module, "execution_kernel", lambda: "dying")
+    return starts
+
+
+def printing_notebook(path: Path) -> Path:
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('ran')")])
+    notebook.metadata["kernelspec"] = {"name": "dying", "display_name": "dying", "language": "python"}
+    nbformat.write(notebook, path)
+    return path
+
+
+def test_a_kernel_that_dies_before_answering_is_replaced_and_counted(tmp_path, monkeypatch, caplog):
+    """CI lost a whole study to one kernel that never answered; no cell had run, so another kernel can run it."""
+    starts = dying_kernel(tmp_path, monkeypatch, deaths=1)
+    assert execute(printing_notebook(tmp_path / "n.ipynb"), tmp_path / "out.ipynb", {}) == 1
+    assert nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0].text == "ran\n"
+    assert starts.read_text().count("start") == 2
+    assert "its kernel did not start" in caplog.text and "retry 1 of 2" in caplog.text
+
+
+def test_a_run_whose_kernels_never_start_fails_alone_with_the_kernels_error(tmp_path, monkeypatch, capsys):
+    starts = dying_kernel(tmp_path, monkeypatch, deaths=99)
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "runs_root": str(tmp_path / "runs"), "smoke": True, "analysis": [],
+                                     "figures_dir": None, "entries": [{"recipe": "configs/minishop/sft.yaml"}]}))
+    assert run_study(study) == 1  # a failure message, not an exception out of the study
+    printed = capsys.readouterr()
+    assert "Kernel died before replying" in printed.err and "2 notebook kernels did not start" in printed.out
+    assert starts.read_text().count("start") == 3  # the first and 2 replacements (KERNEL_START_RETRIES)
 
 
 @pytest.mark.skipif(os.name == "nt", reason="ZeroMQ has no ipc transport on Windows")

@@ -114,7 +114,12 @@ def test_smollm2_study_runs_in_named_parts_that_hold_every_entry_once_in_order()
 
 def test_analysis_only_starts_no_run_and_renders_the_finished_ones(tmp_path, monkeypatch):
     executed = []
-    monkeypatch.setattr(study_module, "execute", lambda notebook, output, parameters: executed.append(notebook.name))
+
+    def execute(notebook, output, parameters) -> int:
+        executed.append(notebook.name)
+        return 0  # kernels replaced
+
+    monkeypatch.setattr(study_module, "execute", execute)
     runs = tmp_path / "runs"
     study = write_study(tmp_path / "s.yaml", name="s", runs_root=str(runs), figures_dir=None,
                         entries=[{"recipe": "configs/minishop/sft.yaml"}], analysis=["notebooks/40-results.ipynb"])
@@ -127,13 +132,17 @@ def test_analysis_only_starts_no_run_and_renders_the_finished_ones(tmp_path, mon
 
 def test_analysis_notebooks_get_the_tiny_study_where_they_declare_it(tmp_path, monkeypatch):
     executed = {}
-    monkeypatch.setattr(study_module, "execute", lambda notebook, output, parameters:
-                        executed.__setitem__(notebook.name, parameters))
+
+    def execute(notebook, output, parameters) -> int:
+        executed[notebook.name] = parameters
+        return 0  # kernels replaced
+
+    monkeypatch.setattr(study_module, "execute", execute)
     study = load_study(write_study(
         tmp_path / "s.yaml", name="s", runs_root=str(tmp_path / "runs"), tiny_runs_root="runs/results",
         entries=[{"recipe": "configs/minishop/sft.yaml"}],
         analysis=["notebooks/20-hard-negatives.ipynb", "notebooks/40-results.ipynb"]))
-    assert study_module.run_analysis(study) == []
+    assert study_module.run_analysis(study) == ([], 0)
     assert executed["40-results.ipynb"]["tiny_runs_root"] == str(resolve_path("runs/results"))
     assert "tiny_runs_root" not in executed["20-hard-negatives.ipynb"]
 
