@@ -21,6 +21,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import httpx
 
-from coevo_lib.train.launch import free_port
 from coevo_lib.vllm_worker import WORKER_EXTENSION
 
 log = logging.getLogger(__name__)
@@ -218,14 +218,12 @@ class VLLMServer:
         started = time.monotonic()
         for attempt in range(PORT_RETRIES + 1):
             self.port = self.requested_port or free_port()
-            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.process = self.launch()
             try:
                 self.wait_until_ready(started)
                 break
-            except VLLMServerError:
-                if self.requested_port or attempt == PORT_RETRIES or not logged_since(self.log_path, logged,
-                                                                                        "address already in use"):
+            except VLLMServerError as error:  # its message quotes the log's tail
+                if self.requested_port or attempt == PORT_RETRIES or "address already in use" not in str(error).lower():
                     raise
                 self.port_retries += 1
                 log.warning("vLLM server: port %d was taken before it bound it; starting it on another (retry %d)",
@@ -350,11 +348,10 @@ class VLLMServer:
         self.stop()
 
 
-def logged_since(log_path: Path, since: int, text: str) -> bool:
-    """Whether ``text`` (any case) is in what was logged after byte ``since``."""
-    with log_path.open("rb") as log_file:
-        log_file.seek(since)
-        return text in log_file.read().decode(errors="replace").lower()
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def signal_group(pgid: int, signum: int) -> None:

@@ -62,6 +62,10 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 # plain-text TCP. A kernel that cannot encrypt starts as before, and its warning then still shows.
 ENCRYPTED_KERNEL = {"transport_encryption": "auto"}
 
+class KernelStartError(RuntimeError):
+    """No kernel answered before its first reply, the first one and KERNEL_START_RETRIES replacements."""
+
+
 # What jupyter_client's KernelClient.wait_for_ready raises when a kernel never answers (8.x messages).
 KERNEL_START_FAILURES = ("Kernel didn't respond", "Kernel died before replying")
 KERNEL_START_RETRIES = 2
@@ -178,7 +182,7 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> int:
     """Run a notebook with papermill; its progress bars print text lines (nobody watches widgets live).
 
     A kernel that dies or hangs before it answers runs no cell, so another is started, KERNEL_START_RETRIES
-    times at most; returns how many were replaced (logged too). The last one's error is raised.
+    times at most; returns how many were replaced (logged too). After that, KernelStartError.
     """
     import papermill
 
@@ -194,11 +198,18 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> int:
                                            progress_bar=False, config=config)
             return retries
         except RuntimeError as error:
-            if not kernel_did_not_start(error) or retries == KERNEL_START_RETRIES:
+            if not kernel_did_not_start(error):
                 raise
+            if retries == KERNEL_START_RETRIES:
+                raise KernelStartError(str(error)) from error
             retries += 1
             log.warning("notebook %s: its kernel did not start (%s); starting another (retry %d of %d)",
                         notebook.name, error, retries, KERNEL_START_RETRIES)
+
+
+def kernels_replaced(error: Exception) -> int:
+    """Kernels replaced in a notebook that failed with ``error``: all the retries when none ever answered."""
+    return KERNEL_START_RETRIES if isinstance(error, KernelStartError) else 0
 
 
 def kernel_did_not_start(error: Exception) -> bool:
@@ -247,12 +258,8 @@ def run_one(study: Study, run: PlannedRun) -> tuple[str | None, int]:
                   "run_dir": str(run.run_dir), "smoke": study.smoke}
     try:
         return None, execute(notebook, output, parameters)
-    except (PapermillExecutionError, DeadKernelError) as error:  # this run failed; the others go on
-        return notebook_failure(f"run {run.label}", notebook, output, error), 0
-    except RuntimeError as error:
-        if not kernel_did_not_start(error):
-            raise
-        return notebook_failure(f"run {run.label}", notebook, output, error), KERNEL_START_RETRIES
+    except (PapermillExecutionError, DeadKernelError, KernelStartError) as error:  # this run fails, others go on
+        return notebook_failure(f"run {run.label}", notebook, output, error), kernels_replaced(error)
 
 
 def run_analysis(study: Study) -> tuple[list[str], int]:
@@ -267,13 +274,9 @@ def run_analysis(study: Study) -> tuple[list[str], int]:
             declared = declared_parameters(notebook)
             given = {k: v for k, v in {**study.analysis_parameters, **tiny}.items() if k in declared}
             replaced += execute(notebook, output, {**given, "runs_root": str(root)})
-        except (PapermillExecutionError, DeadKernelError) as error:
+        except (PapermillExecutionError, DeadKernelError, KernelStartError) as error:
             failures.append(notebook_failure(f"analysis of study {study.name}", notebook, output, error))
-        except RuntimeError as error:
-            if not kernel_did_not_start(error):
-                raise
-            failures.append(notebook_failure(f"analysis of study {study.name}", notebook, output, error))
-            replaced += KERNEL_START_RETRIES
+            replaced += kernels_replaced(error)
     return failures, replaced
 
 
@@ -397,9 +400,9 @@ def draw_figures(study: Study) -> None:
     log.info("study %s: %d figure and table files under %s", study.name, len(written), study.figures_dir)
 
 
-def report(study: Study, runs: list[PlannedRun], failures: list[str], kernels_replaced: int = 0) -> None:
+def report(study: Study, runs: list[PlannedRun], failures: list[str], replaced_kernels: int = 0) -> None:
     finished = sum(is_finished(r.run_dir) for r in runs)
-    replaced = f"; {kernels_replaced} notebook kernels did not start and were replaced" if kernels_replaced else ""
+    replaced = f"; {replaced_kernels} notebook kernels did not start and were replaced" if replaced_kernels else ""
     print(f"study {study.name}: {finished}/{len(runs)} runs finished under {study_runs_root(study)}{replaced}")
     for message in failures:
         print(f"FAILED {message}", file=sys.stderr)

@@ -23,13 +23,13 @@ from coevo_lib.models import wrap_lora
 from coevo_lib.serving import (
     VLLMServer,
     VLLMServerError,
+    free_port,
     live_group_members,
     prefix_cache_counts,
     served_lora_rank,
     vllm_python,
 )
 from coevo_lib.tiny_model import build_tiny_model
-from coevo_lib.train.launch import free_port
 
 # head_dim = 64 / 2 = 32: vLLM's CPU attention rejects the tiny model's usual head sizes (24).
 SERVED_TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,

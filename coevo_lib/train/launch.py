@@ -58,12 +58,6 @@ def accelerate_config_file(name: str | None) -> Path | None:
     return shipped if shipped.is_file() else Path(name).resolve()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def machines(config_file: Path | None) -> int:
     return int(yaml.safe_load(config_file.read_text()).get("num_machines", 1)) if config_file else 1
 
